@@ -1,0 +1,151 @@
+"""The `evomerge` command line. Heavy imports stay inside the commands, so `--help` is instant.
+
+Every error made on purpose (bad config, missing model, unknown task, ...) prints as one line on stderr
+and exits with code 2, before any expensive work or any write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 -- only our own one-line errors are caught; others re-raise
+        if not _is_user_error(exc):
+            raise
+        print(f"evomerge: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from evomerge.errors import EvomergeError
+
+    if isinstance(exc, EvomergeError):
+        return True
+    names = {"MergeParamError", "UnknownTaskError"}  # raised by evomerge.merge and evomerge.scoring
+    return type(exc).__name__ in names
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary search for LLM merge recipes.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="build the tiny zoo, run a search, export it, print a results table")
+    p.add_argument("--dir", type=Path, default=Path("runs/demo"), help="working folder (default: runs/demo)")
+    p.add_argument("--trials", type=int, default=None, help="evaluation budget (default: the demo config's)")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: 2)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("zoo", help="the tiny offline model zoo")
+    zoo = p.add_subparsers(required=True, metavar="ACTION")
+    b = zoo.add_parser("build", help="build (or reuse) base + specialist checkpoints in DIR")
+    b.add_argument("dir", type=Path)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--family", default="llama", choices=["llama", "qwen2", "gpt2"])
+    b.set_defaults(func=_cmd_zoo_build)
+
+    p = sub.add_parser("search", help="run a search described by a study config YAML")
+    p.add_argument("config", type=Path)
+    p.add_argument("--study", help="study name (overrides the config's name)")
+    p.add_argument("--storage", help="Optuna storage URL (default: the config's, sqlite:///evomerge.db)")
+    p.add_argument("--trials", type=int, help="evaluation budget (overrides budget.trials)")
+    p.add_argument("--workers", type=int, help="number of Ray workers (overrides workers.n)")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("export", help="write a trial's merge as an HF checkpoint folder")
+    p.add_argument("study", help="study name")
+    p.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///evomerge.db")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("merge", help="apply a recipe YAML file and write the merged checkpoint")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("status", help="list studies, or the trials of one study")
+    p.add_argument("study", nargs="?", help="study name (omit to list all studies)")
+    p.add_argument("--storage", default="sqlite:///evomerge.db")
+    p.set_defaults(func=_cmd_status)
+    return parser
+
+
+def _cmd_zoo_build(args: argparse.Namespace) -> int:
+    from evomerge.zoo import build_zoo
+
+    zoo = build_zoo(args.dir, seed=args.seed, family=args.family)
+    print(f"base: {zoo.base}")
+    for skill, path in zoo.specialists.items():
+        print(f"{skill}: {path}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config
+    from evomerge.search import prepare, run_search
+
+    cfg = load_config(args.config).with_overrides(
+        **{"name": args.study, "storage": args.storage, "budget.trials": args.trials, "workers.n": args.workers}
+    )
+    summary = run_search(prepare(cfg))
+    print(f"done: {summary.trials} trials ({summary.failed} failed) in {summary.wall_s:.0f}s; "
+          f"best trial {summary.best_number} fitness {summary.best_fitness}")
+    print(f"export it: evomerge export {cfg.name} --storage {cfg.storage} --out DIR")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.export import check_out_dir, export_trial
+    from evomerge.study import StudyStore
+
+    check_out_dir(args.out, args.force)
+    result = export_trial(StudyStore.open(args.storage, args.study), args.trial, args.out, force=args.force)
+    print(f"exported trial {result.trial} to {result.out} ({len(result.files)} weight file(s), recipe.yaml, README.md)")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.build import check_recipe
+    from evomerge.errors import ConfigError
+    from evomerge.export import check_out_dir, write_recipe_checkpoint
+    from evomerge.recipe import Recipe
+
+    if not args.recipe.is_file():
+        raise ConfigError(f"recipe {args.recipe}: no such file")
+    recipe = Recipe.from_yaml(args.recipe.read_text())
+    check_recipe(recipe)
+    check_out_dir(args.out, args.force)
+    files = write_recipe_checkpoint(recipe, args.out, card=f"# Merged model\n\nRecipe: `{args.recipe.name}`\n")
+    print(f"wrote {args.out} ({len(files)} weight file(s))")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from evomerge.status import studies_table, trials_table
+
+    print(trials_table(args.storage, args.study) if args.study else studies_table(args.storage))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from evomerge.demo import run_demo
+
+    run_demo(args.dir, trials=args.trials, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

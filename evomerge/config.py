@@ -1,0 +1,248 @@
+"""The study config: one YAML file that describes a search completely.
+
+Config is data: it knows no torch, Ray or lm-eval. Every model is strict (`extra="forbid"`), so a typo
+fails at load time with its field path and a did-you-mean. Relative paths are resolved against the
+config file's folder, so a config means the same thing from any working directory, and the resolved
+config is what gets stored in the study (resume needs nothing else).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.paths import EVALUATORS_DIR, SEARCH_SPACES_DIR
+
+DEFAULT_STORAGE = "sqlite:///evomerge.db"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Bound(_Strict):
+    """A closed search interval for one gene."""
+
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bound:
+        if self.low > self.high:
+            raise ValueError(f"low = {self.low} > high = {self.high}; set low <= high")
+        return self
+
+
+class ModelsConfig(_Strict):
+    base: str = Field(description="base model: a local HF checkpoint dir or a Hub id 'org/name[@rev]'")
+    sources: list[str] = Field(min_length=1, description="fine-tuned models merged onto the base")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    allow_pickle: bool = False  # read pytorch_model.bin (pickle) checkpoints only when this is set
+    trust_remote_code: bool = False
+
+
+class SearchSpaceConfig(_Strict):
+    """A parameter-space search: per layer group, per source model, the method's parameters."""
+
+    kind: Literal["parameter"] = "parameter"
+    methods: list[str] = Field(default_factory=lambda: ["ties"], min_length=1)
+    layer_groups: int = Field(1, ge=1, description="1 = one set of parameters for the whole model")
+    params: dict[str, Bound] = Field(default_factory=dict, description="searched parameters and bounds")
+    fixed: dict[str, float] = Field(default_factory=dict, description="parameters held at a value")
+
+
+class TaskConfig(_Strict):
+    name: str
+    metric: str = "acc"
+    weight: float = Field(1.0, gt=0)
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, gt=0)
+    fitness_split: str = "fitness"
+    heldout_split: str = "heldout"
+
+
+class EvaluationConfig(_Strict):
+    tasks: list[TaskConfig] = Field(min_length=1)
+    include_paths: list[str] = Field(default_factory=lambda: [str(EVALUATORS_DIR)])
+    batch_size: int = Field(64, ge=1)
+    heldout_top_k: int = Field(3, ge=0, description="best trials re-scored on the held-out split")
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task {dup[0]!r} is listed twice; list each task once")
+        return tasks
+
+
+class OptimizerConfig(_Strict):
+    kind: Literal["cmaes", "random"] = "cmaes"
+    popsize: int | None = Field(None, ge=2, description="default: CMA-ES's 4 + 3 ln(n_genes)")
+    sigma0: float = Field(0.25, gt=0, le=1, description="initial step size in the unit cube of genes")
+    seed: int = 0
+
+
+class BudgetConfig(_Strict):
+    trials: int = Field(64, ge=1)
+
+
+class WorkersConfig(_Strict):
+    n: int = Field(2, ge=1)
+    gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs")
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class StudyConfig(_Strict):
+    name: str = "evomerge"
+    storage: str = DEFAULT_STORAGE
+    models: ModelsConfig
+    search_space: SearchSpaceConfig
+    evaluation: EvaluationConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    budget: BudgetConfig = BudgetConfig()
+    workers: WorkersConfig = WorkersConfig()
+
+    def with_overrides(self, **changes: Any) -> StudyConfig:
+        """A copy with dotted-path overrides, e.g. `{"budget.trials": 8}`; None values are skipped."""
+        data = self.model_dump()
+        for path, value in changes.items():
+            if value is None:
+                continue
+            *parents, leaf = path.split(".")
+            node = data
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return parse_config(data, source="override")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def load_config(path: Path | str) -> StudyConfig:
+    """Read, resolve presets and relative paths, and validate a study config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: {path}: no such file; pass the path of a study YAML file")
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _expand_preset(data, path)
+    _resolve_paths(data, path.parent)
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> StudyConfig:
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config error: {source}: {_one_line(exc)}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config error: {path}: malformed YAML{where}: {problem}") from None
+
+
+def _expand_preset(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`search_space: NAME` or `search_space: {preset: NAME, ...overrides}` loads search_spaces/NAME.yaml."""
+    space = data.get("search_space")
+    if isinstance(space, str):
+        space = {"preset": space}
+    if not isinstance(space, dict) or "preset" not in space:
+        return data
+    overrides = {k: v for k, v in space.items() if k != "preset"}
+    preset = load_preset(str(space["preset"]), path.parent)
+    return {**data, "search_space": {**preset, **overrides}}
+
+
+def load_preset(name: str, config_dir: Path | None = None) -> dict[str, Any]:
+    """A search-space preset by name (search_spaces/NAME.yaml) or by path to a YAML file."""
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [SEARCH_SPACES_DIR / f"{name}.yaml"]
+    if config_dir is not None and name.endswith((".yaml", ".yml")):
+        candidates.insert(0, config_dir / name)
+    for file in candidates:
+        if file.is_file():
+            preset = _read_yaml(file)
+            if not isinstance(preset, dict):
+                raise ConfigError(f"config error: preset {file}: expected a mapping")
+            return preset
+    known = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
+    hint = difflib.get_close_matches(name, known, n=3)
+    suggestion = f"did you mean: {', '.join(hint)}?" if hint else f"known presets: {', '.join(known)}"
+    raise ConfigError(f"config error: search_space.preset = {name!r} not found ({suggestion})")
+
+
+def _resolve_paths(data: dict[str, Any], root: Path) -> None:
+    """Make local model paths and task include paths absolute, relative to the config file's folder."""
+    models = data.get("models")
+    if isinstance(models, dict):
+        for key in ("base",):
+            if isinstance(models.get(key), str):
+                models[key] = _local_or_ref(models[key], root)
+        if isinstance(models.get("sources"), list):
+            models["sources"] = [_local_or_ref(s, root) if isinstance(s, str) else s for s in models["sources"]]
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("include_paths"), list):
+        evaluation["include_paths"] = [str((root / p).resolve()) for p in evaluation["include_paths"]]
+
+
+def _local_or_ref(ref: str, root: Path) -> str:
+    """Paths that look local ('./x', '../x', '/x', or an existing folder) become absolute; Hub ids stay."""
+    candidate = root / ref
+    if ref.startswith((".", "/", "~")) or candidate.exists():
+        return str(Path(ref).expanduser() if ref.startswith("~") else candidate.resolve())
+    return ref
+
+
+def _one_line(exc: ValidationError) -> str:
+    # A typo'd key also makes the real key "missing": report the typo, which explains both.
+    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key{_did_you_mean(err['loc'])}; remove it or fix its spelling"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing; add it"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{loc or 'top level'}: {msg}{shown}{more}"
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    model: Any = StudyConfig
+    for key in loc[:-1]:
+        if isinstance(key, int):  # a list index: stay on the list's item model
+            continue
+        field = model.model_fields.get(str(key)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return ""
+        model = _model_of(field.annotation)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    hint = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=2)
+    return f" (did you mean: {', '.join(hint)}?)" if hint else f" (allowed: {', '.join(model.model_fields)})"
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as `list[TaskConfig]` or `TaskConfig`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints each as one line and exits with code 2."""
+
+
+class EvomergeError(Exception):
+    """Base of every error evomerge raises on purpose; its text is the whole message."""
+
+
+class ConfigError(EvomergeError, ValueError):
+    """The study config, a recipe file or a command-line argument is wrong."""
+
+
+class ModelError(EvomergeError, ValueError):
+    """A model reference cannot be resolved, or models cannot be merged with each other."""
+
+
+class StudyError(EvomergeError, LookupError):
+    """A study, trial or storage URL is missing or in the wrong state."""

@@ -1,0 +1,112 @@
+"""Export a trial's recipe as a Hugging Face checkpoint folder, with its recipe YAML and a model card.
+
+The merge streams tensor by tensor from the memory-mapped sources through the same `merge_named` the
+workers use, so the exported weights equal the ones the trial was scored with. The folder is written
+under a temporary name and renamed at the end: an interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from evomerge.build import stream_merge
+from evomerge.checkpoints import Checkpoint, write_checkpoint
+from evomerge.errors import ConfigError
+from evomerge.recipe import Recipe
+from evomerge.study import StudyStore
+
+_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass(frozen=True)
+class Exported:
+    out: Path
+    trial: int
+    files: list[Path]
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"--out {out}: already exists and is not empty; choose a new folder or pass --force")
+
+
+def export_trial(store: StudyStore, number: int | None, out: Path, *, force: bool = False) -> Exported:
+    trial = store.trial(number)
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        raise ConfigError(f"trial {trial.number} is {trial.state.name}, not COMPLETE; export a completed trial")
+    check_out_dir(out, force)
+    recipe = StudyStore.recipe_of(trial)
+    card = model_card(recipe, store.study.study_name, trial, store.heldout(trial.number))
+    files = write_recipe_checkpoint(recipe, out, card=card)
+    return Exported(out=out, trial=trial.number, files=files)
+
+
+def write_recipe_checkpoint(recipe: Recipe, out: Path, *, card: str, allow_pickle: bool = False) -> list[Path]:
+    """Merge `recipe` into a new checkpoint folder `out` (replaced atomically if it exists)."""
+    base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
+    config = dict(base.config)
+    tensors = stream_merge(recipe, allow_pickle=allow_pickle)
+    if recipe.dtype in _DTYPE_NAMES:
+        import torch
+
+        dtype = getattr(torch, recipe.dtype)
+        tensors = ((n, t.to(dtype)) for n, t in tensors)
+        config["dtype"] = config["torch_dtype"] = recipe.dtype
+    out = out.resolve()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = write_checkpoint(tensors, tmp, config=config, side_files_from=base.path)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        (tmp / "README.md").write_text(card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return [out / f.name for f in files]
+
+
+def model_card(recipe: Recipe, study: str, trial: optuna.trial.FrozenTrial, heldout: dict | None) -> str:
+    fitness = trial.user_attrs.get("scores.fitness", {})
+    rows = [f"| {task} | {score:.4f} | {_heldout_cell(heldout, task)} |" for task, score in fitness.items()]
+    return "\n".join([
+        "---",
+        "library_name: transformers",
+        "tags: [merge, evomerge]",
+        f"base_model: {recipe.base}",
+        "---",
+        f"# Merged model: study `{study}`, trial {trial.number}",
+        "",
+        f"Built by evomerge with `{recipe.method}` from base `{recipe.base}` and sources:",
+        *[f"- `{s}`" for s in recipe.sources],
+        "",
+        f"Fitness (weighted mean over tasks, fitness split): **{trial.value:.4f}**"
+        + (f"; held-out: **{heldout['fitness']:.4f}**" if heldout else ""),
+        "",
+        "| task | fitness split | held-out split |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+        "Rebuild it with `evomerge merge recipe.yaml --out DIR`.",
+        "",
+    ])
+
+
+def _heldout_cell(heldout: dict | None, task: str) -> str:
+    if not heldout or task not in heldout.get("scores", {}):
+        return "not scored"
+    return f"{heldout['scores'][task]:.4f}"

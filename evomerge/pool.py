@@ -1,0 +1,115 @@
+"""Ray actors that each hold one CandidateWorker, fed by a small `ray.wait` loop.
+
+Each actor gets one GPU on a GPU cluster (CPU cores here). Every actor always has at most one candidate
+in flight, and a new candidate goes to the first actor that frees up, so a slow candidate delays nobody
+else. A candidate whose actor dies is reported as failed with the reason; the actor is replaced (the
+controller then decides what to do with the candidate). `max_task_retries=0`: a deterministic out-of-
+memory is not blindly rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.recipe import Recipe
+from evomerge.worker import CandidateResult, CandidateWorker, WorkerSetup
+
+
+@dataclass(frozen=True)
+class Job:
+    key: Any
+    recipe: Recipe
+    split: str = "fitness"
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    reason: str
+    worker_died: bool
+
+
+def start_ray(n_workers: int, cpus_per_worker: float) -> None:
+    """Join RAY_ADDRESS when set, else start a private local Ray sized for the workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        cpus = max(int(n_workers * cpus_per_worker), 1)
+        ray.init(num_cpus=cpus, object_store_memory=512 * 2**20, **kwargs)
+
+
+class WorkerPool:
+    def __init__(self, setup: WorkerSetup, n_workers: int, *, cpus: float = 1, gpus: float | None = None,
+                 progress: Callable[[str], None] = print) -> None:
+        import ray
+
+        self.setup, self.progress = setup, progress
+        self.gpus = gpus if gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+        self.cpus = cpus
+        started = time.perf_counter()
+        self.actors = [self._new_actor() for _ in range(n_workers)]
+        infos = ray.get([a.info.remote() for a in self.actors])
+        self.startup_s = time.perf_counter() - started
+        device = infos[0]["device"] if infos else "?"
+        progress(f"workers: {n_workers} ready on {device} in {self.startup_s:.1f}s")
+
+    def _new_actor(self) -> Any:
+        import ray
+
+        threads = max(int(self.cpus), 1) if not self.gpus else None
+        setup = WorkerSetup(**{**self.setup.__dict__, "threads": self.setup.threads or threads})
+        remote = ray.remote(CandidateWorker).options(
+            num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_task_retries=0
+        )
+        return remote.remote(setup)
+
+    def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, CandidateResult | JobFailure]]:
+        """Evaluate jobs on free actors; yields each job with its result as soon as it is done."""
+        import ray
+
+        pending = list(jobs)[::-1]
+        in_flight: dict[Any, tuple[Job, int]] = {}
+        idle = list(range(len(self.actors)))
+        while pending or in_flight:
+            while pending and idle:
+                slot, job = idle.pop(), pending.pop()
+                in_flight[self.actors[slot].evaluate.remote(job.recipe, job.split)] = (job, slot)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            job, slot = in_flight.pop(done[0])
+            idle.append(slot)
+            yield job, self._outcome(done[0], slot)
+
+    def _outcome(self, ref: Any, slot: int) -> CandidateResult | JobFailure:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        try:
+            return ray.get(ref)
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
+            self.actors[slot] = self._new_actor()
+            self.progress(f"workers: worker {slot} died ({type(exc).__name__}); replaced it")
+            return JobFailure(f"worker died: {_first_line(exc)}", worker_died=True)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            return JobFailure(f"{type(cause).__name__}: {_first_line(cause)}", worker_died=False)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

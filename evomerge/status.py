@@ -1,0 +1,53 @@
+"""Plain-text views of studies: one line per study, or one line per trial of a study."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.study import StudyStore, check_storage_url, storage_exists
+
+
+def studies_table(storage: str) -> str:
+    check_storage_url(storage)
+    if not storage_exists(storage):
+        return f"no studies in {storage} (the file does not exist yet)"
+    rows = [("study", "done", "failed", "running", "best", "state")]
+    for summary in optuna.get_all_study_summaries(storage=storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        count = {s: sum(t.state == s for t in trials) for s in TrialState}
+        best = max((t.value for t in trials if t.state == TrialState.COMPLETE), default=None)
+        state = "running or stopped mid-run" if count[TrialState.RUNNING] else "idle"
+        rows.append((summary.study_name, str(count[TrialState.COMPLETE]), str(count[TrialState.FAIL]),
+                     str(count[TrialState.RUNNING]), "-" if best is None else f"{best:.4f}", state))
+    return _table(rows) if len(rows) > 1 else f"no studies in {storage}"
+
+
+def trials_table(storage: str, name: str) -> str:
+    store = StudyStore.open(storage, name)
+    trials = store.study.get_trials(deepcopy=False)
+    rows = [("trial", "state", "fitness", "held-out", "method", "merge_s", "eval_s", "note")]
+    for t in trials:
+        heldout = store.heldout(t.number)
+        recipe = t.user_attrs.get("recipe") or {}
+        rows.append((
+            str(t.number), t.state.name,
+            "-" if t.value is None else f"{t.value:.4f}",
+            "-" if heldout is None else f"{heldout['fitness']:.4f}",
+            str(recipe.get("method", "-")),
+            _num(t.user_attrs.get("merge_s")), _num(t.user_attrs.get("eval_s")),
+            str(t.user_attrs.get("fail_reason", ""))[:60],
+        ))
+    best = store.trial(None) if any(t.state == TrialState.COMPLETE for t in trials) else None
+    footer = f"\nbest: trial {best.number}, fitness {best.value:.4f}" if best else ""
+    return _table(rows) + footer
+
+
+def _num(value: object) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

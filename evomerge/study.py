@@ -1,0 +1,145 @@
+"""The Optuna study: the one place a search's trials, recipes and scores are written.
+
+Only the controller process writes (SQLite tolerates one writer; PostgreSQL is for clusters). Each
+candidate is a trial: its genes are the trial params (real values, readable in optuna-dashboard), its
+recipe and per-task fitness scores are user attributes. The study keeps the full resolved config, so
+export and status need only the storage URL and the study name. Held-out scores are computed after a
+trial has finished, and Optuna forbids changing finished trials, so they live in study user attributes
+(`heldout.<trial number>`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from evomerge.config import StudyConfig, parse_config
+from evomerge.errors import StudyError
+from evomerge.recipe import Recipe
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+logging.getLogger("optuna").setLevel(logging.WARNING)
+
+CONFIG_ATTR = "evomerge.config"
+HELDOUT_PREFIX = "heldout."
+
+
+def storage_exists(url: str) -> bool:
+    """False only for a SQLite URL whose file is not there yet (opening it would create it)."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        return path == ":memory:" or Path(path).is_file()
+    return True
+
+
+def check_storage_url(url: str) -> None:
+    if not url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")):
+        raise StudyError(
+            f"storage {url!r}: unsupported URL; use sqlite:///FILE.db (default) or postgresql://USER@HOST/DB"
+        )
+
+
+def study_names(url: str) -> list[str]:
+    if not storage_exists(url):
+        return []
+    return [s.study_name for s in optuna.get_all_study_summaries(storage=url)]
+
+
+@dataclass(frozen=True)
+class FinishedCandidate:
+    number: int
+    fitness: float | None
+    scores: dict[str, float]
+
+
+class StudyStore:
+    """The study's single writer."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self._running: dict[int, optuna.Trial] = {}
+
+    @classmethod
+    def create(cls, cfg: StudyConfig, genes: Mapping[str, Any]) -> StudyStore:
+        check_storage_url(cfg.storage)
+        if cfg.name in study_names(cfg.storage):
+            raise StudyError(
+                f"study {cfg.name!r} already exists in {cfg.storage}; pass --study NEW_NAME, "
+                f"or look at it with `evomerge status --storage {cfg.storage} {cfg.name}`"
+            )
+        sampler = optuna.samplers.RandomSampler(seed=cfg.optimizer.seed)  # params always come from us
+        study = optuna.create_study(storage=cfg.storage, study_name=cfg.name, direction="maximize", sampler=sampler)
+        study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())
+        study.set_user_attr("evomerge.genes", list(genes))
+        return cls(study)
+
+    @classmethod
+    def open(cls, storage: str, name: str | None) -> StudyStore:
+        check_storage_url(storage)
+        names = study_names(storage)
+        if name is None:
+            if len(names) != 1:
+                raise StudyError(f"storage {storage} holds {len(names)} studies ({', '.join(names) or 'none'}); name one")
+            name = names[0]
+        if name not in names:
+            raise StudyError(f"study {name!r} not found in {storage} (studies there: {', '.join(names) or 'none'})")
+        return cls(optuna.load_study(study_name=name, storage=storage))
+
+    @property
+    def config(self) -> StudyConfig:
+        text = self.study.user_attrs.get(CONFIG_ATTR)
+        if text is None:
+            raise StudyError(f"study {self.study.study_name!r} was not made by evomerge (no stored config)")
+        import yaml
+
+        return parse_config(yaml.safe_load(text), source=f"study {self.study.study_name}")
+
+    def start_trial(self, params: Mapping[str, Any], distributions: Mapping[str, Any], attrs: Mapping[str, Any]) -> int:
+        """A RUNNING trial holding exactly these params; returns its number."""
+        self.study.enqueue_trial(dict(params), user_attrs=dict(attrs))
+        trial = self.study.ask(fixed_distributions=dict(distributions))
+        self._running[trial.number] = trial
+        return trial.number
+
+    def finish_trial(self, number: int, fitness: float, attrs: Mapping[str, Any]) -> None:
+        trial = self._running.pop(number)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        self.study.tell(trial, fitness, skip_if_finished=True)
+
+    def fail_trial(self, number: int, reason: str) -> None:
+        trial = self._running.pop(number)
+        trial.set_user_attr("fail_reason", reason)
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+    def set_heldout(self, number: int, scores: Mapping[str, float], fitness: float) -> None:
+        self.study.set_user_attr(f"{HELDOUT_PREFIX}{number}", {"scores": dict(scores), "fitness": fitness})
+
+    def heldout(self, number: int) -> dict[str, Any] | None:
+        return self.study.user_attrs.get(f"{HELDOUT_PREFIX}{number}")
+
+    def completed(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+    def trial(self, number: int | None) -> optuna.trial.FrozenTrial:
+        """Trial `number`, or the best completed trial when None."""
+        trials = self.completed() if number is None else [t for t in self.study.get_trials(deepcopy=False) if t.number == number]
+        if not trials:
+            what = "no completed trial" if number is None else f"no trial {number}"
+            raise StudyError(f"study {self.study.study_name!r} has {what}")
+        if number is None:
+            return max(trials, key=lambda t: t.value)
+        return trials[0]
+
+    @staticmethod
+    def recipe_of(trial: optuna.trial.FrozenTrial) -> Recipe:
+        data = trial.user_attrs.get("recipe")
+        if data is None:
+            raise StudyError(f"trial {trial.number} has no recipe (state {trial.state.name})")
+        return Recipe.from_dict(json.loads(data) if isinstance(data, str) else data)

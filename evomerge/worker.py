@@ -1,0 +1,139 @@
+"""A candidate worker: sources resident in memory, each candidate built into one live model and scored.
+
+Per candidate only the recipe changes: the base tensors and the task vectors are loaded once, the merged
+weights are written in place into the live model's parameters (no disk writes), and lm-eval scores that
+model through a scorer built once. The class is plain Python; `evomerge.pool` wraps it in Ray actors, and
+the GPU check drives it in-process without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from evomerge.build import check_recipe, group_map, merge_named, task_vectors
+from evomerge.checkpoints import Checkpoint, check_mergeable
+from evomerge.errors import ModelError
+from evomerge.recipe import Recipe
+from evomerge.scoring import LmEvalScorer, TaskSpec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs to start; small and picklable (it crosses to Ray actors)."""
+
+    base: str
+    sources: tuple[str, ...]
+    tasks: tuple[TaskSpec, ...]
+    include_paths: tuple[str, ...]
+    batch_size: int = 64
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda when visible, else cpu
+    threads: int | None = None  # torch intra-op threads on CPU
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    scores: dict[str, float]
+    fitness: float
+    merge_s: float
+    eval_s: float
+    worker: str = ""
+    peak_mem_mb: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class CandidateWorker:
+    def __init__(self, setup: WorkerSetup) -> None:
+        started = time.perf_counter()
+        if setup.threads:
+            torch.set_num_threads(setup.threads)
+        self.setup = setup
+        self.device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.tokenizer = _load_live_model(setup, self.device)
+        self.base = Checkpoint.open(setup.base, allow_pickle=setup.allow_pickle)
+        sources = [Checkpoint.open(s, allow_pickle=setup.allow_pickle) for s in setup.sources]
+        check_mergeable(self.base, zip(setup.sources, sources))
+        self.live = _live_tensors(self.model, self.base.names)
+        self.base_tensors = {n: self.base.tensor(n).to(self.device) for n in self.base.names}
+        self.deltas = {n: task_vectors(self.base.tensor(n), [s.tensor(n) for s in sources]).to(self.device) for n in self.base.names}
+        self.scorer = LmEvalScorer(setup.tasks, [os.fspath(p) for p in setup.include_paths], batch_size=setup.batch_size, device=str(self.device))
+        self._group_maps: dict[int, dict[str, int]] = {}
+        self.name = f"{os.uname().nodename}:{os.getpid()}"
+        self.startup_s = time.perf_counter() - started
+
+    def info(self) -> dict[str, object]:
+        return {"worker": self.name, "device": str(self.device), "startup_s": self.startup_s}
+
+    @torch.no_grad()
+    def build(self, recipe: Recipe) -> float:
+        """Write the recipe's merged weights into the live model; returns seconds spent."""
+        started = time.perf_counter()
+        spec = check_recipe(recipe)
+        groups = self._group_maps.get(recipe.n_groups) or self._group_maps.setdefault(recipe.n_groups, group_map(recipe, self.base))
+        for name, target in self.live.items():
+            target.copy_(merge_named(recipe, spec, name, groups[name], self.base_tensors[name], self.deltas[name]))
+        _sync(self.device)
+        return time.perf_counter() - started
+
+    def evaluate(self, recipe: Recipe, split: str = "fitness") -> CandidateResult:
+        """Build the candidate and score it on one split ("fitness" during search, "heldout" to report)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        merge_s = self.build(recipe)
+        started = time.perf_counter()
+        scores = self.scorer.score(self.model, self.tokenizer, split)
+        eval_s = time.perf_counter() - started
+        return CandidateResult(
+            scores=scores,
+            fitness=self.scorer.fitness(scores),
+            merge_s=merge_s,
+            eval_s=eval_s,
+            worker=self.name,
+            peak_mem_mb=_peak_mem_mb(self.device),
+        )
+
+
+def _load_live_model(setup: WorkerSetup, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Checkpoint.open(setup.base, allow_pickle=setup.allow_pickle).path
+    dtype = _DTYPES.get(setup.dtype, "auto")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=setup.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=setup.trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def _live_tensors(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The live model's tensors under the checkpoint's names (state_dict tensors share storage)."""
+    state = model.state_dict()
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ModelError(
+            f"the loaded model has no tensor {missing[0]!r} that the checkpoint has ({len(missing)} such); "
+            "its modeling code renames weights, which evomerge does not support yet"
+        )
+    return {n: state[n] for n in names}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mem_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    except ImportError:
+        return None
