@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of Ray workers (overrides workers.n)")
     p.set_defaults(func=_cmd_search)
 
+    p = sub.add_parser("resume", help="continue a stopped or killed study where it left off")
+    p.add_argument("study", help="study name")
+    p.add_argument("--storage", required=True, help="Optuna storage URL of the study")
+    p.add_argument("--trials", type=int, help="evaluate this many more candidates (default: finish the stored budget)")
+    p.set_defaults(func=_cmd_resume)
+
     p = sub.add_parser("export", help="write a trial's merge as an HF checkpoint folder")
     p.add_argument("study", help="study name")
     p.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///evomerge.db")
@@ -100,11 +106,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
     cfg = load_config(args.config).with_overrides(
         **{"name": args.study, "storage": args.storage, "budget.trials": args.trials, "workers.n": args.workers}
     )
-    summary = run_search(prepare(cfg))
-    print(f"done: {summary.trials} trials ({summary.failed} failed) in {summary.wall_s:.0f}s; "
-          f"best trial {summary.best_number} fitness {summary.best_fitness}")
-    print(f"export it: evomerge export {cfg.name} --storage {cfg.storage} --out DIR")
+    _print_summary(run_search(prepare(cfg)), cfg.storage)
     return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.search import resume_search
+    from evomerge.study import StudyStore
+
+    store = StudyStore.open(args.storage, args.study)
+    _print_summary(resume_search(store, args.trials), args.storage)
+    return 0
+
+
+def _print_summary(summary, storage: str) -> None:
+    heldout = "" if summary.best_heldout is None else f", held-out {summary.best_heldout:.4f}"
+    best = "none" if summary.best_fitness is None else f"trial {summary.best_number}, fitness {summary.best_fitness:.4f}{heldout}"
+    print(f"done: {summary.trials}/{summary.budget} candidates ({summary.failed} failed) in {summary.wall_s:.0f}s; best: {best}")
+    print(f"export it: evomerge export {summary.study} --storage {storage} --out DIR")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ class Job:
     key: Any
     recipe: Recipe
     split: str = "fitness"
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,16 +74,18 @@ class WorkerPool:
         )
         return remote.remote(setup)
 
-    def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, CandidateResult | JobFailure]]:
-        """Evaluate jobs on free actors; yields each job with its result as soon as it is done."""
+    def run(self, queue: deque[Job]) -> Iterator[tuple[Job, CandidateResult | JobFailure]]:
+        """Evaluate queued jobs on free actors; yields each job with its outcome as soon as it is done.
+
+        The caller may append to `queue` while iterating (a retry, say): it is read lazily.
+        """
         import ray
 
-        pending = list(jobs)[::-1]
         in_flight: dict[Any, tuple[Job, int]] = {}
-        idle = list(range(len(self.actors)))
-        while pending or in_flight:
-            while pending and idle:
-                slot, job = idle.pop(), pending.pop()
+        idle = list(range(len(self.actors)))[::-1]
+        while queue or in_flight:
+            while queue and idle:
+                slot, job = idle.pop(), queue.popleft()
                 in_flight[self.actors[slot].evaluate.remote(job.recipe, job.split)] = (job, slot)
             done, _ = ray.wait(list(in_flight), num_returns=1)
             job, slot = in_flight.pop(done[0])

@@ -3,6 +3,11 @@
 Everything that can be wrong with the input is checked in `prepare` before the study is written or Ray
 starts: model paths, tensor names and shapes, the search space against the merge methods, the lm-eval
 task names, the storage URL and study name. The controller process is the study's only writer.
+
+Resume: the optimizer is checkpointed in the study before each generation is asked. `resume` marks
+trials left RUNNING as failed, restores the checkpoint, asks the same generation again (the same
+candidates, since the controller's RNG state is part of the checkpoint), reuses the candidates of that
+generation that already have an outcome, and runs the rest.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,11 +25,11 @@ from evomerge.checkpoints import Checkpoint, check_mergeable
 from evomerge.config import StudyConfig
 from evomerge.errors import StudyError
 from evomerge.layout import num_layers
-from evomerge.optimize import Controller, make_controller
+from evomerge.optimize import Controller, loads, make_controller
 from evomerge.pool import Job, JobFailure, WorkerPool, start_ray
 from evomerge.scoring import TaskSpec, check_tasks
 from evomerge.spaces import ParameterSpace, decode_unit
-from evomerge.study import StudyStore, check_storage_url, study_names
+from evomerge.study import MAX_ATTEMPTS, StudyStore, check_storage_url, study_names
 from evomerge.worker import CandidateResult, WorkerSetup
 
 Progress = Callable[[str], None]
@@ -41,7 +47,7 @@ class SearchSummary:
     study: str
     storage: str
     budget: int = 0
-    trials: int = 0
+    trials: int = 0  # candidates with a final outcome, resumed ones included
     failed: int = 0
     best_number: int | None = None
     best_fitness: float | None = None
@@ -54,11 +60,14 @@ def task_specs(cfg: StudyConfig) -> tuple[TaskSpec, ...]:
     return tuple(TaskSpec(**t.model_dump()) for t in cfg.evaluation.tasks)
 
 
-def prepare(cfg: StudyConfig) -> Prepared:
+def prepare(cfg: StudyConfig, *, new_study: bool = True) -> Prepared:
     """Check all input; raise an EvomergeError with a one-line message on the first problem."""
     check_storage_url(cfg.storage)
-    if cfg.name in study_names(cfg.storage):
-        raise StudyError(f"study {cfg.name!r} already exists in {cfg.storage}; pass --study NEW_NAME")
+    if new_study and cfg.name in study_names(cfg.storage):
+        raise StudyError(
+            f"study {cfg.name!r} already exists in {cfg.storage}; pass --study NEW_NAME, "
+            f"or continue it with `evomerge resume {cfg.name} --storage {cfg.storage}`"
+        )
     base = Checkpoint.open(cfg.models.base, allow_pickle=cfg.models.allow_pickle)
     sources = [(s, Checkpoint.open(s, allow_pickle=cfg.models.allow_pickle)) for s in cfg.models.sources]
     check_mergeable(base, sources)
@@ -79,68 +88,160 @@ def prepare(cfg: StudyConfig) -> Prepared:
 
 
 def run_search(prepared: Prepared, progress: Progress = print) -> SearchSummary:
+    """Start a new study and search it to its budget."""
     cfg, space = prepared.cfg, prepared.space
     store = StudyStore.create(cfg, {g.name: g.default for g in space.genes})
-    x0 = np.array([g.to_unit(g.default) for g in space.genes])
-    controller = make_controller(cfg.optimizer, x0, cfg.workers.n)
-    progress(f"study {cfg.name!r} in {cfg.storage}: {len(space.genes)} genes, population {controller.popsize}, "
+    controller = make_controller(cfg.optimizer, np.array([g.to_unit(g.default) for g in space.genes]), cfg.workers.n)
+    return _drive(prepared, store, controller, 0, progress)
+
+
+def resume_search(store: StudyStore, more_trials: int | None, progress: Progress = print) -> SearchSummary:
+    """Continue a stopped or killed study from its last optimizer checkpoint."""
+    checkpoint = store.load_controller()
+    if checkpoint is None:
+        raise StudyError(f"study {store.study.study_name!r} has no optimizer checkpoint; it cannot be resumed")
+    cfg = store.config
+    orphans = store.fail_orphans()
+    if orphans:
+        progress(f"resume: marked {len(orphans)} orphaned RUNNING trial(s) as failed: {orphans}; their candidates run again")
+    if more_trials is not None:
+        done = len(store.candidate_outcomes())
+        cfg = cfg.with_overrides(**{"budget.trials": done + more_trials})
+        store.update_config(cfg)
+    generation, state = checkpoint
+    return _drive(prepare(cfg, new_study=False), store, loads(state), generation, progress)
+
+
+def _drive(prepared: Prepared, store: StudyStore, controller: Controller, generation: int, progress: Progress) -> SearchSummary:
+    cfg = prepared.cfg
+    progress(f"study {cfg.name!r} in {cfg.storage}: {len(prepared.space.genes)} genes, population {controller.popsize}, "
              f"budget {cfg.budget.trials} trials, {cfg.workers.n} workers")
     start_ray(cfg.workers.n, cfg.workers.cpus_per_worker)
     pool = WorkerPool(prepared.setup, cfg.workers.n, cpus=cfg.workers.cpus_per_worker, gpus=cfg.workers.gpus_per_worker, progress=progress)
-    summary = SearchSummary(study=cfg.name, storage=cfg.storage, budget=cfg.budget.trials)
+    run = SearchRun(prepared, store, controller, pool, progress)
     started = time.perf_counter()
     try:
-        _generations(cfg, space, controller, store, pool, summary, progress)
-        _score_heldout(cfg, store, pool, summary, progress)
+        run.generations(generation)
+        run.score_heldout()
     finally:
         pool.close()
-    summary.wall_s = time.perf_counter() - started
-    return summary
+    run.summary.wall_s = time.perf_counter() - started
+    return run.summary
 
 
-def _generations(cfg: StudyConfig, space: ParameterSpace, controller: Controller, store: StudyStore,
-                 pool: WorkerPool, summary: SearchSummary, progress: Progress) -> None:
-    generation = 0
-    while summary.trials < cfg.budget.trials:
-        xs = controller.ask()[: cfg.budget.trials - summary.trials]
-        fitness = _run_generation(generation, xs, space, store, pool, summary, progress)
-        if len(xs) == controller.popsize:  # a truncated last generation is scored but not told
-            controller.tell(xs, fitness)
+class SearchRun:
+    """The controller loop of one search process: the only writer of the study."""
+
+    def __init__(self, prepared: Prepared, store: StudyStore, controller: Controller, pool: WorkerPool, progress: Progress) -> None:
+        self.cfg, self.space = prepared.cfg, prepared.space
+        self.store, self.controller, self.pool, self.progress = store, controller, pool, progress
+        self.distributions = {g.name: g.distribution() for g in self.space.genes}
+        self.outcomes = store.candidate_outcomes()  # (generation, candidate) -> fitness | None
+        self.summary = SearchSummary(study=self.cfg.name, storage=self.cfg.storage, budget=self.cfg.budget.trials)
+        self._note_previous()
+
+    def _note_previous(self) -> None:
+        self.summary.trials = len(self.outcomes)
+        self.summary.failed = sum(f is None for f in self.outcomes.values())
+        done = self.store.completed()
+        if done:
+            best = max(done, key=lambda t: t.value)
+            self.summary.best_number, self.summary.best_fitness = best.number, best.value
+
+    def generations(self, generation: int) -> None:
+        while True:
+            self.store.save_controller(generation, self.controller.dumps())
+            before = sum(1 for (g, _) in self.outcomes if g < generation)
+            n = min(self.controller.popsize, self.cfg.budget.trials - before)
+            if n <= 0:
+                return
+            xs = self.controller.ask()
+            fitness = self._run_generation(generation, xs[:n])
+            if n < self.controller.popsize:
+                return  # a truncated last generation is scored but not told; resume can complete it
+            self.controller.tell(xs, fitness)
+            self._record_history(generation, fitness)
+            generation += 1
+
+    def _run_generation(self, generation: int, xs: list[np.ndarray]) -> list[float | None]:
+        fitness: list[float | None] = [None] * len(xs)
+        queue: deque[Job] = deque()
+        for index, x in enumerate(xs):
+            if (generation, index) in self.outcomes:
+                fitness[index] = self.outcomes[(generation, index)]
+                continue
+            queue.append(self._job(generation, index, x, attempt=0))
+        for job, outcome in self.pool.run(queue):
+            (generation, index, x, number) = job.key
+            if isinstance(outcome, JobFailure):
+                retry = self._failed(job, number, outcome)
+                if retry:
+                    queue.append(self._job(generation, index, x, attempt=job.attempt + 1))
+                continue
+            fitness[index] = outcome.fitness
+            self._completed(generation, index, number, outcome)
+        return fitness
+
+    def _job(self, generation: int, index: int, x: np.ndarray, attempt: int) -> Job:
+        values = decode_unit(self.space.genes, x)
+        recipe = self.space.decode(values)
+        attrs = {"generation": generation, "candidate": index, "attempt": attempt, "recipe": recipe.to_dict()}
+        number = self.store.start_trial(values, self.distributions, attrs)
+        return Job(key=(generation, index, x, number), recipe=recipe, attempt=attempt)
+
+    def _failed(self, job: Job, number: int, failure: JobFailure) -> bool:
+        """Record a failed attempt; True when the candidate gets another attempt."""
+        self.store.fail_trial(number, failure.reason)
+        retry = job.attempt + 1 < MAX_ATTEMPTS
+        generation, index = job.key[0], job.key[1]
+        if not retry:
+            self.outcomes[(generation, index)] = None
+            self.summary.trials += 1
+            self.summary.failed += 1
+        what = "retrying once" if retry else "giving up; the optimizer sees it as failed"
+        self.progress(f"[{self.summary.trials}/{self.summary.budget}] trial {number} FAILED ({what}): {failure.reason}")
+        return retry
+
+    def _completed(self, generation: int, index: int, number: int, result: CandidateResult) -> None:
+        if not self.store.finish_trial(number, result.fitness, _result_attrs(result)):
+            self.progress(f"trial {number} was finished outside evomerge (dashboard?); its state is kept")
+        self.outcomes[(generation, index)] = result.fitness
+        self.summary.trials += 1
+        if self.summary.best_fitness is None or result.fitness > self.summary.best_fitness:
+            self.summary.best_fitness, self.summary.best_number = result.fitness, number
+        tasks = " ".join(f"{k}={v:.3f}" for k, v in result.scores.items())
+        self.progress(
+            f"[{self.summary.trials}/{self.summary.budget}] gen {generation} trial {number}: fitness {result.fitness:.4f} ({tasks}) "
+            f"| best {self.summary.best_fitness:.4f} (trial {self.summary.best_number}) | merge {result.merge_s:.2f}s eval {result.eval_s:.2f}s"
+        )
+
+    def _record_history(self, generation: int, fitness: list[float | None]) -> None:
         scored = [f for f in fitness if f is not None]
-        summary.history.append({
+        self.summary.history.append({
             "generation": generation,
             "best": max(scored) if scored else None,
             "median": statistics.median(scored) if scored else None,
             "failures": fitness.count(None),
-            "sigma": getattr(controller, "sigma", math.nan),
+            "sigma": getattr(self.controller, "sigma", math.nan),
         })
-        generation += 1
 
-
-def _run_generation(generation: int, xs: list[np.ndarray], space: ParameterSpace, store: StudyStore,
-                    pool: WorkerPool, summary: SearchSummary, progress: Progress) -> list[float | None]:
-    jobs = []
-    distributions = {g.name: g.distribution() for g in space.genes}
-    for index, x in enumerate(xs):
-        values = decode_unit(space.genes, x)
-        recipe = space.decode(values)
-        number = store.start_trial(values, distributions, {"generation": generation, "candidate": index, "recipe": recipe.to_dict()})
-        jobs.append(Job(key=(index, number), recipe=recipe))
-    fitness: list[float | None] = [None] * len(xs)
-    for job, outcome in pool.run(jobs):
-        index, number = job.key
-        summary.trials += 1
-        if isinstance(outcome, JobFailure):
-            store.fail_trial(number, outcome.reason)
-            summary.failed += 1
-            progress(f"[{summary.trials}/{summary.budget}] trial {number} FAILED: {outcome.reason}")
-            continue
-        fitness[index] = outcome.fitness
-        store.finish_trial(number, outcome.fitness, _result_attrs(outcome))
-        if summary.best_fitness is None or outcome.fitness > summary.best_fitness:
-            summary.best_fitness, summary.best_number = outcome.fitness, number
-        progress(_progress_line(summary, generation, number, outcome))
-    return fitness
+    def score_heldout(self) -> None:
+        """Score the top-k trials (by fitness) on the held-out split and record it in the study."""
+        top = sorted(self.store.completed(), key=lambda t: t.value, reverse=True)[: self.cfg.evaluation.heldout_top_k]
+        top = [t for t in top if self.store.heldout(t.number) is None]
+        if not top:
+            return
+        self.progress(f"held-out: scoring the best {len(top)} trials")
+        queue = deque(Job(key=t.number, recipe=StudyStore.recipe_of(t), split="heldout") for t in top)
+        for job, outcome in self.pool.run(queue):
+            if isinstance(outcome, JobFailure):
+                self.progress(f"held-out: trial {job.key} failed: {outcome.reason}")
+                continue
+            self.store.set_heldout(job.key, outcome.scores, outcome.fitness)
+            if job.key == self.summary.best_number:
+                self.summary.best_heldout = outcome.fitness
+            tasks = " ".join(f"{k}={v:.3f}" for k, v in outcome.scores.items())
+            self.progress(f"held-out: trial {job.key}: {outcome.fitness:.4f} ({tasks})")
 
 
 def _result_attrs(result: CandidateResult) -> dict:
@@ -148,28 +249,3 @@ def _result_attrs(result: CandidateResult) -> dict:
     if result.peak_mem_mb is not None:
         attrs["peak_mem_mb"] = round(result.peak_mem_mb, 1)
     return attrs
-
-
-def _progress_line(summary: SearchSummary, generation: int, number: int, r: CandidateResult) -> str:
-    tasks = " ".join(f"{k}={v:.3f}" for k, v in r.scores.items())
-    return (f"[{summary.trials}/{summary.budget}] gen {generation} trial {number}: fitness {r.fitness:.4f} ({tasks}) "
-            f"| best {summary.best_fitness:.4f} (trial {summary.best_number}) | merge {r.merge_s:.2f}s eval {r.eval_s:.2f}s")
-
-
-def _score_heldout(cfg: StudyConfig, store: StudyStore, pool: WorkerPool, summary: SearchSummary, progress: Progress) -> None:
-    """Score the top-k trials (by fitness) on the held-out split and record it in the study."""
-    k = cfg.evaluation.heldout_top_k
-    top = sorted(store.completed(), key=lambda t: t.value, reverse=True)[:k]
-    if not top:
-        return
-    progress(f"held-out: scoring the best {len(top)} trials")
-    jobs = [Job(key=t.number, recipe=StudyStore.recipe_of(t), split="heldout") for t in top]
-    for job, outcome in pool.run(jobs):
-        if isinstance(outcome, JobFailure):
-            progress(f"held-out: trial {job.key} failed: {outcome.reason}")
-            continue
-        store.set_heldout(job.key, outcome.scores, outcome.fitness)
-        if job.key == summary.best_number:
-            summary.best_heldout = outcome.fitness
-        tasks = " ".join(f"{k}={v:.3f}" for k, v in outcome.scores.items())
-        progress(f"held-out: trial {job.key}: {outcome.fitness:.4f} ({tasks})")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.study import StudyStore, check_storage_url, storage_exists
+from evomerge.study import StudyStore, optuna_storage, storage_exists
 
 
 def studies_table(storage: str) -> str:
-    check_storage_url(storage)
+    backend = optuna_storage(storage)
     if not storage_exists(storage):
         return f"no studies in {storage} (the file does not exist yet)"
     rows = [("study", "done", "failed", "running", "best", "state")]
-    for summary in optuna.get_all_study_summaries(storage=storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    for summary in optuna.get_all_study_summaries(storage=backend):
+        study = optuna.load_study(study_name=summary.study_name, storage=backend)
         trials = study.get_trials(deepcopy=False)
         count = {s: sum(t.state == s for t in trials) for s in TrialState}
         best = max((t.value for t in trials if t.state == TrialState.COMPLETE), default=None)

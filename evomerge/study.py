@@ -10,8 +10,10 @@ trial has finished, and Optuna forbids changing finished trials, so they live in
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,27 +30,46 @@ logging.getLogger("optuna").setLevel(logging.WARNING)
 
 CONFIG_ATTR = "evomerge.config"
 HELDOUT_PREFIX = "heldout."
+OPTIMIZER_ATTR = "evomerge.optimizer"
+_CHUNK_CHARS = 60_000  # MySQL's TEXT holds 64 KB; SQLite and PostgreSQL hold any size
+MAX_ATTEMPTS = 2  # a failed candidate is retried once, then told to the optimizer as failed
+
+
+_RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")
+_JOURNAL = "journal:///"
 
 
 def storage_exists(url: str) -> bool:
-    """False only for a SQLite URL whose file is not there yet (opening it would create it)."""
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        return path == ":memory:" or Path(path).is_file()
+    """False only for a file-backed URL whose file is not there yet (opening it would create it)."""
+    for prefix in ("sqlite:///", _JOURNAL):
+        if url.startswith(prefix):
+            path = url.removeprefix(prefix)
+            return path == ":memory:" or Path(path).is_file()
     return True
 
 
 def check_storage_url(url: str) -> None:
-    if not url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")):
+    if not url.startswith((*_RDB_SCHEMES, _JOURNAL)):
         raise StudyError(
-            f"storage {url!r}: unsupported URL; use sqlite:///FILE.db (default) or postgresql://USER@HOST/DB"
+            f"storage {url!r}: unsupported URL; use sqlite:///FILE.db (default), "
+            "postgresql://USER:PASSWORD@HOST/DB, or journal:///FILE.log"
         )
+
+
+def optuna_storage(url: str) -> str | optuna.storages.BaseStorage:
+    """What Optuna takes for `url`: the URL itself for databases, a JournalStorage for journal files."""
+    check_storage_url(url)
+    if url.startswith(_JOURNAL):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix(_JOURNAL)))
+    return url
 
 
 def study_names(url: str) -> list[str]:
     if not storage_exists(url):
         return []
-    return [s.study_name for s in optuna.get_all_study_summaries(storage=url)]
+    return [s.study_name for s in optuna.get_all_study_summaries(storage=optuna_storage(url))]
 
 
 @dataclass(frozen=True)
@@ -74,7 +95,7 @@ class StudyStore:
                 f"or look at it with `evomerge status --storage {cfg.storage} {cfg.name}`"
             )
         sampler = optuna.samplers.RandomSampler(seed=cfg.optimizer.seed)  # params always come from us
-        study = optuna.create_study(storage=cfg.storage, study_name=cfg.name, direction="maximize", sampler=sampler)
+        study = optuna.create_study(storage=optuna_storage(cfg.storage), study_name=cfg.name, direction="maximize", sampler=sampler)
         study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())
         study.set_user_attr("evomerge.genes", list(genes))
         return cls(study)
@@ -89,7 +110,7 @@ class StudyStore:
             name = names[0]
         if name not in names:
             raise StudyError(f"study {name!r} not found in {storage} (studies there: {', '.join(names) or 'none'})")
-        return cls(optuna.load_study(study_name=name, storage=storage))
+        return cls(optuna.load_study(study_name=name, storage=optuna_storage(storage)))
 
     @property
     def config(self) -> StudyConfig:
@@ -107,16 +128,63 @@ class StudyStore:
         self._running[trial.number] = trial
         return trial.number
 
-    def finish_trial(self, number: int, fitness: float, attrs: Mapping[str, Any]) -> None:
-        trial = self._running.pop(number)
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        self.study.tell(trial, fitness, skip_if_finished=True)
+    def finish_trial(self, number: int, fitness: float, attrs: Mapping[str, Any]) -> bool:
+        """Record a scored trial; False when someone finished it meanwhile (in the dashboard, say)."""
+        return self._close(number, dict(attrs), fitness=fitness)
 
-    def fail_trial(self, number: int, reason: str) -> None:
+    def fail_trial(self, number: int, reason: str) -> bool:
+        return self._close(number, {"fail_reason": reason}, state=optuna.trial.TrialState.FAIL)
+
+    def _close(self, number: int, attrs: dict[str, Any], **outcome: Any) -> bool:
         trial = self._running.pop(number)
-        trial.set_user_attr("fail_reason", reason)
-        self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        try:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            self.study.tell(trial, outcome.get("fitness"), state=outcome.get("state"), skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    def save_controller(self, generation: int, state: bytes) -> None:
+        """Checkpoint the optimizer as it is before asking `generation` (compressed, in chunks)."""
+        text = base64.b64encode(zlib.compress(state, 6)).decode()
+        chunks = [text[i : i + _CHUNK_CHARS] for i in range(0, len(text), _CHUNK_CHARS)]
+        for i, chunk in enumerate(chunks):
+            self.study.set_user_attr(f"{OPTIMIZER_ATTR}.{i}", chunk)
+        self.study.set_user_attr(OPTIMIZER_ATTR, {"generation": generation, "chunks": len(chunks), "bytes": len(state)})
+
+    def load_controller(self) -> tuple[int, bytes] | None:
+        attrs = self.study.user_attrs
+        head = attrs.get(OPTIMIZER_ATTR)
+        if head is None:
+            return None
+        text = "".join(attrs[f"{OPTIMIZER_ATTR}.{i}"] for i in range(head["chunks"]))
+        return head["generation"], zlib.decompress(base64.b64decode(text))
+
+    def fail_orphans(self) -> list[int]:
+        """Mark RUNNING trials (left by a stopped or killed controller) FAIL; returns their numbers."""
+        orphans = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for frozen in orphans:
+            self._running[frozen.number] = optuna.Trial(self.study, frozen._trial_id)
+            self.fail_trial(frozen.number, "orphaned: the controller stopped before this trial finished")
+        return [t.number for t in orphans]
+
+    def candidate_outcomes(self) -> dict[tuple[int, int], float | None]:
+        """(generation, candidate) -> fitness, or None for a candidate that failed all its attempts."""
+        out: dict[tuple[int, int], float | None] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            key = (t.user_attrs.get("generation"), t.user_attrs.get("candidate"))
+            if None in key:
+                continue
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                out[key] = t.value
+            elif t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("attempt", 0) >= MAX_ATTEMPTS - 1 \
+                    and key not in out and not str(t.user_attrs.get("fail_reason", "")).startswith("orphaned"):
+                out[key] = None
+        return out
+
+    def update_config(self, cfg: StudyConfig) -> None:
+        self.study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())
 
     def set_heldout(self, number: int, scores: Mapping[str, float], fitness: float) -> None:
         self.study.set_user_attr(f"{HELDOUT_PREFIX}{number}", {"scores": dict(scores), "fitness": fitness})

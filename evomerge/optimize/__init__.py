@@ -38,7 +38,10 @@ class CmaEsController:
     def __init__(self, x0: np.ndarray, cfg: OptimizerConfig, popsize: int) -> None:
         import cma
 
-        options = {"bounds": [0.0, 1.0], "popsize": popsize, "seed": cfg.seed + 1, "verbose": -9}
+        # A private RandomState (not numpy's global one) so that a pickled controller carries its
+        # RNG state: a restored checkpoint asks exactly what the original would have asked.
+        rng = np.random.RandomState(cfg.seed + 1)
+        options = {"bounds": [0.0, 1.0], "popsize": popsize, "randn": rng.randn, "verbose": -9}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.es = cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), cfg.sigma0, options)
