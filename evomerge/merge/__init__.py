@@ -1,0 +1,14 @@
+"""Merge methods as pure tensor functions, registered by name, with mergekit semantics for shared names.
+
+    spec = get_method("ties")
+    merged = merge_tensor(spec, base, deltas, {"weight": [1.0, 0.5], "density": 0.5}, generator)
+
+base is one tensor (*S) of the base model, deltas (E, *S) the task vectors (source - base) of E source
+models; the result is the merged tensor (*S) in fp32. Methods, their parameters and ranges are in
+``METHODS``; see ``_methods.py`` for the formulas and which mergekit behaviour each one matches.
+"""
+
+from evomerge.merge import _methods  # noqa: F401  (registers every method in METHODS)
+from evomerge.merge._registry import METHODS, MergeParamError, MethodSpec, ParamSpec, get_method, merge_tensor
+
+__all__ = ["METHODS", "MergeParamError", "MethodSpec", "ParamSpec", "get_method", "merge_tensor"]

@@ -1,0 +1,320 @@
+"""The merge methods, as pure functions of (base, deltas), with mergekit semantics for shared names.
+
+Every method: base (*S) any float dtype; deltas (E, *S) task vectors (source - base); per-model
+parameters as (E,) fp32 tensors, global ones as floats; returns the merged full weights (*S) in fp32.
+Inputs are never written; randomness comes only from `generator`.
+
+The task-vector family is mergekit's generalized task arithmetic: sparsify each delta, weight it,
+optionally elect signs (TIES), sum, optionally divide by the summed weights, scale by lambda_:
+
+    merged = base + lambda_ * sum_i(w_i * m_i * sparse(d_i)) / (normalize ? sum_i(w_i * m_i) : 1)
+
+where m_i is the sign-agreement mask (all ones without election). mergekit's ``normalize`` and
+``rescale`` flags are fixed to mergekit's per-method defaults, not parameters:
+
+    method            sparsifier             sign election  normalize  rescale (L1)
+    task_arithmetic   -                      no             no         -
+    ties              top magnitude          yes            yes        no
+    dare_ties         random (DARE)          yes            no         yes
+    dare_linear       random (DARE)          no             no         yes
+    breadcrumbs       middle magnitude       no             no         no
+    breadcrumbs_ties  middle magnitude       yes            no         no
+    della             rank-sampled (DELLA)   yes            yes        yes
+    della_linear      rank-sampled (DELLA)   no             no         yes
+
+Parameter ranges are the valid values and the default search bounds: weight in [-1, 2] (negative
+subtracts a task vector, Ilharco et al.'s negation; above 1 amplifies), linear's weight in [0, 1]
+(it is normalized, so only ratios matter), density in (0, 1], lambda_ in [0, 2], gamma in [0, 0.5],
+epsilon in [0, 0.5), t in [0, 1]. Defaults follow mergekit (density 1, gamma 0.01, epsilon 0.15,
+lambda 1) and 1.0 for weight, which mergekit requires explicitly.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import torch
+from torch import Tensor
+
+from evomerge.merge._registry import ParamSpec, Resolved, register
+from evomerge.merge._sparsify import (
+    keep_middle_magnitude,
+    keep_top_magnitude,
+    per_model,
+    random_keep,
+    rank_sampled_keep,
+    sign_consensus,
+)
+
+WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True)
+DENSITY = ParamSpec("density", 0.0, 1.0, 1.0, per_model=True, low_inclusive=False)
+LAMBDA = ParamSpec("lambda_", 0.0, 2.0, 1.0, per_model=False)
+GAMMA = ParamSpec("gamma", 0.0, 0.5, 0.01, per_model=True)
+EPSILON = ParamSpec("epsilon", 0.0, 0.5, 0.15, per_model=True, high_inclusive=False)
+
+SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this is colinear, so slerp falls back to lerp
+SLERP_NORM_EPS = 1e-8  # mergekit: norms at or below this count as 1
+STOCK_NORM_EPS = 1e-6  # mergekit model_stock: floor of |d_i| * |d_j| in the cosine
+STOCK_SINGULAR = 1e-6  # mergekit model_stock: |1 + (N-1) cos| below this keeps the base
+
+
+def _mix(base: Tensor, kept: Tensor, weight: Tensor, *, elect_sign: bool, normalize: bool, lambda_: float) -> Tensor:
+    """base + lambda_ * (weighted, optionally sign-elected, optionally normalized) sum of kept deltas."""
+    w = per_model(weight, kept)  # (E, 1, ..., 1)
+    weighted = kept * w
+    if elect_sign:
+        agree = sign_consensus(weighted)  # (E, *S)
+        mixed = (weighted * agree).sum(0)
+        divisor = (w * agree).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(0)
+        divisor = w.sum(0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    return base.float() + lambda_ * mixed
+
+
+# --- task-vector family (mergekit generalized_task_arithmetic) -----------------------------------
+
+
+@register(WEIGHT, LAMBDA)
+def task_arithmetic(
+    base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Task arithmetic (Ilharco et al. 2023): base + lambda_ * sum_i w_i d_i."""
+    return _mix(base, deltas.float(), weight, elect_sign=False, normalize=False, lambda_=lambda_)
+
+
+@register(WEIGHT, DENSITY, LAMBDA)
+def ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: Tensor,
+    density: Tensor,
+    lambda_: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """TIES-Merging (Yadav et al. 2023): trim to the top-density magnitudes per model, elect the sign
+    of sum_i w_i d_i per entry, average the agreeing weighted deltas (divided by their weights)."""
+    kept = keep_top_magnitude(deltas.float(), density)
+    return _mix(base, kept, weight, elect_sign=True, normalize=True, lambda_=lambda_)
+
+
+@register(WEIGHT, DENSITY, LAMBDA, random=True)
+def dare_ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: Tensor,
+    density: Tensor,
+    lambda_: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DARE (Yu et al. 2024) drop-and-rescale, then TIES sign election; not normalized (mergekit)."""
+    kept = random_keep(deltas.float(), density, generator)
+    return _mix(base, kept, weight, elect_sign=True, normalize=False, lambda_=lambda_)
+
+
+@register(WEIGHT, DENSITY, LAMBDA, random=True)
+def dare_linear(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: Tensor,
+    density: Tensor,
+    lambda_: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DARE (Yu et al. 2024) drop-and-rescale, then task arithmetic."""
+    kept = random_keep(deltas.float(), density, generator)
+    return _mix(base, kept, weight, elect_sign=False, normalize=False, lambda_=lambda_)
+
+
+@register(WEIGHT, DENSITY, GAMMA, LAMBDA)
+def breadcrumbs(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: Tensor,
+    density: Tensor,
+    gamma: Tensor,
+    lambda_: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): drop the gamma largest and the smallest
+    magnitudes, keeping a density fraction, then task arithmetic."""
+    kept = keep_middle_magnitude(deltas.float(), density, gamma)
+    return _mix(base, kept, weight, elect_sign=False, normalize=False, lambda_=lambda_)
+
+
+@register(WEIGHT, DENSITY, GAMMA, LAMBDA)
+def breadcrumbs_ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: Tensor,
+    density: Tensor,
+    gamma: Tensor,
+    lambda_: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Model Breadcrumbs sparsification, then TIES sign election; not normalized (mergekit)."""
+    kept = keep_middle_magnitude(deltas.float(), density, gamma)
+    return _mix(base, kept, weight, elect_sign=True, normalize=False, lambda_=lambda_)
+
+
+def _della_window(values: Resolved, n_models: int) -> str | None:
+    """mergekit raises unless density - epsilon > 0 and density + epsilon < 1 (density < 1 only)."""
+    for index, (d, eps) in enumerate(zip(values["density"], values["epsilon"])):
+        if d < 1 and not (d - eps > 0 and d + eps < 1):
+            where = f" for models[{index}]" if n_models > 1 else ""
+            return (
+                f"density = {d!r}, epsilon = {eps!r}{where}; density - epsilon and density + epsilon must lie "
+                f"in (0, 1); lower epsilon below {min(d, 1 - d):g}"
+            )
+    return None
+
+
+@register(WEIGHT, DENSITY, EPSILON, LAMBDA, random=True, constraints=(_della_window,))
+def della(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: Tensor,
+    density: Tensor,
+    epsilon: Tensor,
+    lambda_: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DELLA-Merging (Deep et al. 2024): MagPrune (keep probability rises with magnitude rank,
+    density +- epsilon), L1 rescale, TIES sign election, normalized (mergekit)."""
+    kept = rank_sampled_keep(deltas.float(), density, epsilon, generator)
+    return _mix(base, kept, weight, elect_sign=True, normalize=True, lambda_=lambda_)
+
+
+@register(WEIGHT, DENSITY, EPSILON, LAMBDA, random=True, constraints=(_della_window,))
+def della_linear(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: Tensor,
+    density: Tensor,
+    epsilon: Tensor,
+    lambda_: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DELLA MagPrune and L1 rescale, then task arithmetic (no sign election, not normalized)."""
+    kept = rank_sampled_keep(deltas.float(), density, epsilon, generator)
+    return _mix(base, kept, weight, elect_sign=False, normalize=False, lambda_=lambda_)
+
+
+# --- interpolation and geometric methods ----------------------------------------------------------
+
+
+def _weights_not_all_zero(values: Resolved, n_models: int) -> str | None:
+    if sum(values["weight"]) > 0:
+        return None
+    return (
+        f"weight = {values['weight']}; the weights must not all be 0 (linear divides by their sum); "
+        "raise one above 0"
+    )
+
+
+@register(ParamSpec("weight", 0.0, 1.0, 1.0, per_model=True), constraints=(_weights_not_all_zero,))
+def linear(base: Tensor, deltas: Tensor, *, weight: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Weighted average of the source models (model soups, Wortsman et al. 2022), normalized as in
+    mergekit: sum_i w_i x_i / sum_i w_i = base + sum_i w_i d_i / sum_i w_i. The base gets no weight."""
+    return _mix(base, deltas.float(), weight, elect_sign=False, normalize=True, lambda_=1.0)
+
+
+@register(ParamSpec("t", 0.0, 1.0, 0.5, per_model=False), max_models=1)
+def slerp(base: Tensor, deltas: Tensor, *, t: float, generator: torch.Generator | None = None) -> Tensor:
+    """Spherical interpolation from the base (t=0) to the one source (t=1), over the whole tensor
+    flattened (mergekit): v0, v1 raw weights, angle from their normalized dot product; lerp when
+    |cos| > 0.9995."""
+    v0 = base.float().reshape(-1)
+    d = deltas[0].float().reshape(-1)
+    v1 = v0 + d
+    n0, n1 = (torch.where(n > SLERP_NORM_EPS, n, torch.ones_like(n)) for n in (v0.norm(), v1.norm()))
+    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1).item()
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return (v0 + t * d).view(base.shape)  # = (1 - t) v0 + t v1
+    theta = torch.tensor(dot, dtype=torch.float64).acos()
+    c0, c1 = (float(torch.sin(s * theta) / torch.sin(theta)) for s in (1 - t, t))
+    return (c0 * v0 + c1 * v1).view(base.shape)
+
+
+def _mean_pairwise_cosine(flat: Tensor) -> Tensor:
+    """Mean cosine over all pairs of rows of flat (N, P), each clamped to [-1, 1] (mergekit)."""
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    cosines = [
+        ((flat[i] * flat[j]).sum() / (norms[i] * norms[j]).clamp_min(STOCK_NORM_EPS)).clamp(-1, 1)
+        for i, j in combinations(range(len(flat)), 2)
+    ]
+    return torch.stack(cosines).mean()
+
+
+@register(min_models=2)
+def model_stock(base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """Model Stock (Jang et al. 2024), per whole tensor as in mergekit (filter_wise false):
+    cos = mean pairwise cosine of the deltas, t = N cos / (1 + (N - 1) cos), merged = base + t * mean(d);
+    keeps the base where 1 + (N - 1) cos is about 0."""
+    flat = deltas.float().reshape(len(deltas), -1)  # (N, P)
+    n, cos = len(flat), _mean_pairwise_cosine(flat)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < STOCK_SINGULAR
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+    return base.float() + t * flat.mean(0).view(base.shape)
+
+
+# --- consensus (TALL masks) -------------------------------------------------------------------------
+
+
+def _k_at_most_models(values: Resolved, n_models: int) -> str | None:
+    if values["k"] <= n_models:
+        return None
+    return (
+        f"k = {values['k']!r} with {n_models} models; k must be at most the number of models; "
+        f"lower k to {n_models} or less"
+    )
+
+
+@register(
+    WEIGHT,
+    ParamSpec("tall_lambda", 0.0, 1.0, 0.4, per_model=True),
+    ParamSpec("k", 0.0, 8.0, 2.0, per_model=False),
+    LAMBDA,
+    min_models=2,
+    constraints=(_k_at_most_models,),
+)
+def consensus(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: Tensor,
+    tall_lambda: Tensor,
+    k: float,
+    lambda_: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Consensus Merging with TALL masks (Wang et al. 2024, "Localizing Task Information for Improved
+    Model Merging and Compression"), on task arithmetic:
+
+        tau_t   = w_t * d_t                                    weighted task vectors
+        tau_MTL = sum_t tau_t                                  multi-task vector
+        m_t     = |tau_t| >= tall_lambda_t * |tau_MTL - tau_t|  TALL mask: entries that matter to task t
+        keep    = (sum_t m_t) >= k                             drop "selfish" (1 task) and unused entries
+        merged  = base + lambda_ * keep * tau_MTL
+
+    tall_lambda in [0, 1] (the paper tunes lambda_t in [0.2, 0.6]; default 0.4); k in [0, 8], at
+    most the number of models, default 2 as in the paper (k = 0 is plain task arithmetic). The
+    paper's reference code uses a strict > in m_t; the two differ only on exact ties.
+    """
+    tau = deltas.float() * per_model(weight, deltas)  # (E, *S)
+    tau_mtl = tau.sum(0)
+    masks = tau.abs() >= per_model(tall_lambda, tau) * (tau_mtl - tau).abs()
+    keep = masks.sum(0) >= k
+    return base.float() + lambda_ * (tau_mtl * keep)
