@@ -8,22 +8,30 @@ checkpoints). Sharing it is what makes an exported checkpoint score exactly what
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 
-from evomerge.checkpoints import Checkpoint, check_mergeable
+from evomerge.checkpoints import Checkpoint, TensorInfo, check_mergeable, dtype_of
 from evomerge.layout import LayerGroups, group_of_each, num_layers
-from evomerge.merge import MethodSpec, get_method, merge_tensor
+from evomerge.merge import DeltaStats, MethodSpec, get_method, merge_tensor
 from evomerge.recipe import Recipe
 
 DELTA_DTYPE = torch.float32  # task vectors are kept in fp32 so every build path rounds the same way
 
 
-def task_vectors(base: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
-    """(E, *S) differences source - base, in DELTA_DTYPE."""
+def task_vectors(base: torch.Tensor, sources: Sequence[torch.Tensor | Callable[[], torch.Tensor]]) -> torch.Tensor:
+    """(E, *S) differences source - base, in DELTA_DTYPE.
+
+    A source may be a tensor or a function that reads it, so a streaming caller holds one source
+    tensor at a time; each difference is written straight into the preallocated (E, *S) result.
+    """
     base32 = base.to(torch.float32)
-    return torch.stack([s.to(torch.float32) - base32 for s in sources]).to(DELTA_DTYPE)
+    out = torch.empty((len(sources), *base.shape), dtype=DELTA_DTYPE, device=base.device)
+    for row, source in zip(out, sources):
+        torch.sub(source() if callable(source) else source, base32, out=row)  # exact: s -> fp32, then fp32 sub
+    return out
 
 
 def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -33,12 +41,41 @@ def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Genera
     return gen
 
 
+class MergeCache:
+    """Per-worker precomputation over resident task vectors, reused by every candidate.
+
+    It keeps one `DeltaStats` per tensor name: each source's sorted |delta| (so a TIES or Breadcrumbs
+    density becomes a binary search instead of a selection per model per candidate), the L1 norms used
+    by DARE/DELLA rescaling and DELLA's row ranks. Entries are made on first use, by the methods that
+    need them, and cost 4 bytes per entry per source: as much again as the task vectors. Merges with
+    and without a cache are bit-identical.
+    """
+
+    def __init__(self) -> None:
+        self._stats: dict[str, DeltaStats] = {}
+
+    def stats(self, name: str, deltas: torch.Tensor) -> DeltaStats:
+        """The stats of `name`, rebuilt when they were made for another deltas tensor."""
+        stats = self._stats.get(name)
+        if stats is None or stats.deltas is not deltas:
+            stats = self._stats[name] = DeltaStats(deltas, keep_sorted=True)
+        return stats
+
+
 def merge_named(
-    recipe: Recipe, spec: MethodSpec, name: str, group: int, base: torch.Tensor, deltas: torch.Tensor
+    recipe: Recipe,
+    spec: MethodSpec,
+    name: str,
+    group: int,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    cache: MergeCache | None = None,
 ) -> torch.Tensor:
-    """The merged tensor `name` in the base's dtype."""
+    """The merged tensor `name` in the base's dtype (bit-identical with or without `cache`)."""
     gen = tensor_generator(recipe.seed, name, deltas.device) if spec.random else None
-    merged = merge_tensor(spec, base, deltas, recipe.groups[group], gen)
+    stats = cache.stats(name, deltas) if cache is not None and spec.uses_stats else None
+    merged = merge_tensor(spec, base, deltas, recipe.groups[group], gen, stats=stats)
     return merged.to(base.dtype)
 
 
@@ -55,7 +92,11 @@ def group_map(recipe: Recipe, base: Checkpoint) -> dict[str, int]:
 
 
 def stream_merge(recipe: Recipe, *, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor) for every tensor of the base, reading one tensor per model at a time."""
+    """Yield (name, merged tensor) for every tensor of the base, in the base's order.
+
+    Memory holds one tensor's worth at a time: the base tensor, the (E, *S) task vectors (each source
+    read from disk in turn, straight into its row) and the method's working tensors.
+    """
     spec = check_recipe(recipe)
     base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
     sources = [Checkpoint.open(s, allow_pickle=allow_pickle) for s in recipe.sources]
@@ -63,5 +104,18 @@ def stream_merge(recipe: Recipe, *, allow_pickle: bool = False) -> Iterator[tupl
     groups = group_map(recipe, base)
     for name in base.names:
         base_t = base.tensor(name)
-        deltas = task_vectors(base_t, [s.tensor(name) for s in sources])
-        yield name, merge_named(recipe, spec, name, groups[name], base_t, deltas)
+        deltas = task_vectors(base_t, [partial(s.tensor, name) for s in sources])
+        merged = merge_named(recipe, spec, name, groups[name], base_t, deltas)
+        del base_t, deltas  # free before the consumer writes, so two tensors' work never overlaps
+        yield name, merged
+
+
+_OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def output_plan(recipe: Recipe, base: Checkpoint) -> list[TensorInfo]:
+    """Name, shape and dtype of every tensor `stream_merge` yields, in order, after the recipe's dtype
+    (float32 / bfloat16 / float16; anything else keeps each base tensor's dtype, as export does).
+    Passing it to `write_checkpoint(plan=...)` lets the writer put each shard's header first."""
+    forced = _OUT_DTYPES.get(recipe.dtype)
+    return [TensorInfo(n, tuple(base.shapes[n]), forced or dtype_of(base.dtypes[n])) for n in base.names]

@@ -1,9 +1,15 @@
 """Hugging Face checkpoints on disk: resolve references, read tensors lazily, write merged results.
 
 A reference is a local folder or a Hub id `org/name[@revision]` resolved through huggingface_hub's
-cache (a cluster downloads; offline, HF_HUB_OFFLINE=1 reads the cache only). Tensors are read from
-memory-mapped safetensors one at a time; pickled `.bin` checkpoints are refused unless the user opts in,
-since unpickling runs arbitrary code.
+cache (a cluster downloads; offline, HF_HUB_OFFLINE=1 reads the cache only). Tensors are read one at a
+time with plain positioned reads at the offsets in the safetensors header, not through a memory map:
+mapped pages a merge has touched stay resident (and count in its RSS) until the map closes, so a
+streaming merge over four 1 GiB models would hold all four. Pickled `.bin` checkpoints are refused
+unless the user opts in, since unpickling runs arbitrary code.
+
+Writing streams too: each shard's header is written first (names, shapes and dtypes are known up front,
+from a plan or, without one, once the shard is complete) and every tensor's bytes go straight to their
+offset, so memory holds one tensor, never a shard.
 """
 
 from __future__ import annotations
@@ -11,13 +17,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from evomerge.errors import ModelError
 
@@ -60,9 +64,10 @@ class Checkpoint:
     path: Path
     config: dict
     shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, str]
+    dtypes: dict[str, str]  # safetensors dtype names ("BF16", "F32", ...); torch names for pickled ones
     _files: dict[str, Path] = field(repr=False)
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _handles: dict[Path, int] = field(default_factory=dict, repr=False)  # open file descriptors
+    _spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # absolute byte range
 
     @classmethod
     def open(cls, ref: str, *, allow_pickle: bool = False) -> Checkpoint:
@@ -71,26 +76,86 @@ class Checkpoint:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             return _open_pickled(path, ref, config, allow_pickle)
-        shapes, dtypes, where = {}, {}, {}
+        shapes, dtypes, where, spans = {}, {}, {}, {}
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    sl = handle.get_slice(name)
-                    shapes[name], dtypes[name], where[name] = tuple(sl.get_shape()), sl.get_dtype(), file
-        return cls(path=path, config=config, shapes=shapes, dtypes=dtypes, _files=where)
+            for name, (dtype, shape, span) in read_safetensors_index(file).items():
+                shapes[name], dtypes[name], where[name], spans[name] = shape, dtype, file, span
+        return cls(path=path, config=config, shapes=shapes, dtypes=dtypes, _files=where, _spans=spans)
 
     @property
     def names(self) -> list[str]:
         return list(self.shapes)
 
     def tensor(self, name: str) -> torch.Tensor:
+        """A fresh tensor (its own memory, not a view of the file), read with plain positioned reads."""
         file = self._files[name]
         if isinstance(file, dict):  # pickled checkpoint, already loaded
             return file[name]
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt")
-        return handle.get_tensor(name)
+        fd = self._handles.get(file)
+        if fd is None:
+            fd = self._handles[file] = os.open(file, os.O_RDONLY)
+        start, end = self._spans[name]
+        data = torch.empty(end - start, dtype=torch.uint8)
+        _pread_into(fd, memoryview(data.numpy()), start)
+        return data.view(dtype_of(self.dtypes[name])).reshape(self.shapes[name])
+
+    def __del__(self) -> None:
+        for fd in self._handles.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# safetensors dtype names <-> torch dtypes (the ones torch has)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype for a safetensors dtype name ("BF16") or a torch one ("bfloat16")."""
+    if name in _ST_DTYPES:
+        return _ST_DTYPES[name]
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ModelError(f"tensor dtype {name!r} is not one torch can hold")
+    return dtype
+
+
+def read_safetensors_index(file: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
+    """name -> (dtype name, shape, absolute byte range) from a safetensors header, in file order."""
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        text = handle.read(size) if 0 < size <= 100 * 1024**2 else b""
+    try:
+        header = json.loads(text)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ModelError(f"{file}: not a safetensors file (its header does not parse); re-save or re-download it")
+    start = 8 + size
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        out[name] = (info["dtype"], tuple(info["shape"]), (start + begin, start + end))
+    return out
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got <= 0:
+            raise ModelError(f"file ended while reading a tensor at byte {offset + done}; is the checkpoint truncated?")
+        done += got
 
 
 def _read_config(path: Path, ref: str) -> dict:
@@ -141,6 +206,22 @@ def check_mergeable(base: Checkpoint, sources: Iterable[tuple[str, Checkpoint]])
                 )
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """What one output tensor will be, known before it is computed: enough to write headers first."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * self.dtype.itemsize
+
+
 def write_checkpoint(
     tensors: Iterator[tuple[str, torch.Tensor]],
     out: Path,
@@ -148,24 +229,20 @@ def write_checkpoint(
     config: dict,
     side_files_from: Path,
     max_shard_bytes: int = 2 * 1024**3,
+    plan: Sequence[TensorInfo] | None = None,
 ) -> list[Path]:
     """Stream named tensors into sharded safetensors in `out` (which must exist), plus config and tokenizer.
 
-    Only one shard is held in memory at a time; a shard closes once it reaches `max_shard_bytes`.
+    Memory holds one tensor at a time. With `plan` (every tensor's name, shape and dtype, in the order
+    they will arrive) each shard's header is written first and each tensor goes straight to its offset.
+    Without it, a shard's bytes are spooled to a side file and copied (in the kernel) behind the header
+    once the shard is complete: the same files, one extra disk pass. A shard closes before the tensor
+    that would take it past `max_shard_bytes`.
     """
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    written: list[tuple[str, list[str]]] = []
-    size = 0
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            written.append(_flush_shard(shards.pop(), out, len(written)))
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    if shards[-1]:
-        written.append(_flush_shard(shards.pop(), out, len(written)))
+    if plan is not None:
+        written = _write_planned(tensors, out, list(plan), max_shard_bytes)
+    else:
+        written = _write_spooled(tensors, out, max_shard_bytes)
     files = _name_shards(out, written)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in SIDE_FILES:
@@ -174,10 +251,140 @@ def write_checkpoint(
     return files
 
 
-def _flush_shard(shard: dict[str, torch.Tensor], out: Path, index: int) -> tuple[str, list[str]]:
-    tmp_name = f"shard-{index:05d}.tmp"
-    save_file(shard, str(out / tmp_name), metadata={"format": "pt"})
-    return tmp_name, list(shard)
+def _split_shards(infos: list[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards if shards[-1] else []
+
+
+def _header(infos: list[TensorInfo]) -> tuple[bytes, dict[str, int]]:
+    """The safetensors header (length prefix included) and each tensor's absolute offset in the file.
+
+    Data is laid out as safetensors itself does it: by dtype size, largest first, then by name, so
+    every tensor starts aligned to its element size; the header is padded with spaces to 8 bytes.
+    """
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    relative, at = {}, 0
+    for info in sorted(infos, key=lambda i: (-i.dtype.itemsize, i.name)):
+        entries[info.name] = {"dtype": _ST_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [at, at + info.nbytes]}
+        relative[info.name] = at
+        at += info.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    head = len(text).to_bytes(8, "little") + text
+    return head, {name: len(head) + offset for name, offset in relative.items()}
+
+
+def _write_planned(
+    tensors: Iterator[tuple[str, torch.Tensor]], out: Path, plan: list[TensorInfo], max_shard_bytes: int
+) -> list[tuple[str, list[str]]]:
+    where: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
+    fds, written = [], []
+    try:
+        for index, infos in enumerate(_split_shards(plan, max_shard_bytes)):
+            tmp_name = f"shard-{index:05d}.tmp"
+            fds.append(fd := os.open(out / tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            head, offsets = _header(infos)
+            _pwrite_all(fd, memoryview(head), 0)
+            os.ftruncate(fd, len(head) + sum(i.nbytes for i in infos))
+            where.update({name: (fd, offset) for name, offset in offsets.items()})
+            written.append((tmp_name, [i.name for i in infos]))
+        count = 0
+        for name, tensor in tensors:
+            _check_planned(name, tensor, plan[count] if count < len(plan) else None)
+            _pwrite_all(where[name][0], _bytes_of(tensor), where[name][1])
+            count += 1
+        if count != len(plan):
+            raise ValueError(f"write_checkpoint: the plan lists {len(plan)} tensors, but {count} arrived")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return written
+
+
+def _check_planned(name: str, tensor: torch.Tensor, expected: TensorInfo | None) -> None:
+    if expected is None:
+        raise ValueError(f"write_checkpoint: got {name!r}, which the plan does not list (more tensors than planned)")
+    if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+        raise ValueError(
+            f"write_checkpoint: got {name!r} {list(tensor.shape)} {tensor.dtype}, the plan says "
+            f"{expected.name!r} {list(expected.shape)} {expected.dtype}; the plan must list the tensors in arrival order"
+        )
+
+
+def _write_spooled(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    written: list[tuple[str, list[str]]] = []
+    spool: _Spool | None = None
+    for name, tensor in tensors:
+        info = TensorInfo(name, tuple(tensor.shape), tensor.dtype)
+        if spool is not None and spool.size + info.nbytes > max_shard_bytes:
+            written.append(spool.close())
+            spool = None
+        if spool is None:
+            spool = _Spool(out, len(written))
+        spool.add(info, tensor)
+    if spool is not None:
+        written.append(spool.close())
+    return written
+
+
+class _Spool:
+    """One shard's tensor bytes in arrival order, in a side file, until the header can be written."""
+
+    def __init__(self, out: Path, index: int) -> None:
+        self.tmp_name = f"shard-{index:05d}.tmp"
+        self.out = out
+        self.spool_path = out / f"shard-{index:05d}.spool"
+        self.fd = os.open(self.spool_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.infos: list[TensorInfo] = []
+        self.at: dict[str, int] = {}
+        self.size = 0
+
+    def add(self, info: TensorInfo, tensor: torch.Tensor) -> None:
+        self.at[info.name] = self.size
+        _pwrite_all(self.fd, _bytes_of(tensor), self.size)
+        self.infos.append(info)
+        self.size += info.nbytes
+
+    def close(self) -> tuple[str, list[str]]:
+        head, offsets = _header(self.infos)
+        dst = os.open(self.out / self.tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(dst, memoryview(head), 0)
+            for info in self.infos:
+                _copy_range(self.fd, dst, self.at[info.name], offsets[info.name], info.nbytes)
+        finally:
+            os.close(dst)
+            os.close(self.fd)
+            self.spool_path.unlink()
+        return self.tmp_name, [i.name for i in self.infos]
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The tensor's raw little-endian bytes, without a copy when it is already contiguous on the CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
+    done = 0
+    while done < count:
+        step = os.copy_file_range(src, dst, count - done, src_offset + done, dst_offset + done)
+        if step <= 0:
+            raise OSError(f"copy_file_range stopped after {done} of {count} bytes")
+        done += step
 
 
 def _name_shards(out: Path, written: list[tuple[str, list[str]]]) -> list[Path]:

@@ -82,11 +82,30 @@ class EvaluationConfig(_Strict):
         return tasks
 
 
+OPTUNA_SAMPLERS = ("tpe", "gp", "nsga2", "optuna_cmaes", "optuna_random")
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "gp", "nsga2", "optuna_random")
+
+
 class OptimizerConfig(_Strict):
-    kind: Literal["cmaes", "random"] = "cmaes"
+    """`cmaes` (pycma, generation by generation, exact resume) and `random` are evomerge's own
+    controllers; the Optuna samplers propose one trial whenever a worker is free (no generations)."""
+
+    kind: Literal["cmaes", "random", "tpe", "gp", "nsga2", "optuna_cmaes", "optuna_random"] = "cmaes"
     popsize: int | None = Field(None, ge=2, description="default: CMA-ES's 4 + 3 ln(n_genes)")
     sigma0: float = Field(0.25, gt=0, le=1, description="initial step size in the unit cube of genes")
     seed: int = 0
+    objectives: Literal["fitness", "per_task"] = Field(
+        "fitness", description="per_task: a multi-objective study, one objective per task (Optuna samplers)"
+    )
+
+    @model_validator(mode="after")
+    def _objectives_need_a_sampler(self) -> OptimizerConfig:
+        if self.objectives == "per_task" and self.kind not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ValueError(
+                f"objectives = per_task needs a multi-objective sampler ({', '.join(MULTI_OBJECTIVE_SAMPLERS)}), "
+                f"not {self.kind}; change optimizer.kind"
+            )
+        return self
 
 
 class BudgetConfig(_Strict):

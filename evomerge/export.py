@@ -18,7 +18,7 @@ from evomerge.build import stream_merge
 from evomerge.checkpoints import Checkpoint, write_checkpoint
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
-from evomerge.study import StudyStore
+from evomerge.study import StudyStore, fitness_of
 
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -88,7 +88,7 @@ def model_card(recipe: Recipe, study: str, trial: optuna.trial.FrozenTrial, held
         f"Built by evomerge with `{recipe.method}` from base `{recipe.base}` and sources:",
         *[f"- `{s}`" for s in recipe.sources],
         "",
-        f"Fitness (weighted mean over tasks, fitness split): **{trial.value:.4f}**"
+        f"Fitness (weighted mean over tasks, fitness split): **{fitness_of(trial):.4f}**"
         + (f"; held-out: **{heldout['fitness']:.4f}**" if heldout else ""),
         "",
         "| task | fitness split | held-out split |",

@@ -51,10 +51,11 @@ def start_ray(n_workers: int, cpus_per_worker: float) -> None:
 
 class WorkerPool:
     def __init__(self, setup: WorkerSetup, n_workers: int, *, cpus: float = 1, gpus: float | None = None,
-                 progress: Callable[[str], None] = print) -> None:
+                 progress: Callable[[str], None] = print, worker_cls: type = CandidateWorker) -> None:
+        """`worker_cls` takes a WorkerSetup and has `info()` and `evaluate(recipe, split)`, like CandidateWorker."""
         import ray
 
-        self.setup, self.progress = setup, progress
+        self.setup, self.progress, self.worker_cls = setup, progress, worker_cls
         self.gpus = gpus if gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
         self.cpus = cpus
         started = time.perf_counter()
@@ -64,12 +65,16 @@ class WorkerPool:
         device = infos[0]["device"] if infos else "?"
         progress(f"workers: {n_workers} ready on {device} in {self.startup_s:.1f}s")
 
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
     def _new_actor(self) -> Any:
         import ray
 
         threads = max(int(self.cpus), 1) if not self.gpus else None
         setup = WorkerSetup(**{**self.setup.__dict__, "threads": self.setup.threads or threads})
-        remote = ray.remote(CandidateWorker).options(
+        remote = ray.remote(self.worker_cls).options(
             num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_task_retries=0
         )
         return remote.remote(setup)

@@ -12,6 +12,7 @@ generation that already have an outcome, and runs the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -25,12 +26,13 @@ from evomerge.checkpoints import Checkpoint, check_mergeable
 from evomerge.config import StudyConfig
 from evomerge.errors import StudyError
 from evomerge.layout import num_layers
+from evomerge.config import OPTUNA_SAMPLERS
 from evomerge.optimize import Controller, loads, make_controller
 from evomerge.pool import Job, JobFailure, WorkerPool, start_ray
 from evomerge.scoring import TaskSpec, check_tasks
 from evomerge.spaces import ParameterSpace, decode_unit
-from evomerge.study import MAX_ATTEMPTS, StudyStore, check_storage_url, study_names
-from evomerge.worker import CandidateResult, WorkerSetup
+from evomerge.study import MAX_ATTEMPTS, StudyStore, check_storage_url, fitness_of, study_names
+from evomerge.worker import CandidateResult, CandidateWorker, WorkerSetup
 
 Progress = Callable[[str], None]
 
@@ -40,6 +42,7 @@ class Prepared:
     cfg: StudyConfig
     space: ParameterSpace
     setup: WorkerSetup
+    worker_cls: type = CandidateWorker  # tests and benchmarks swap in instrumented workers
 
 
 @dataclass
@@ -91,16 +94,19 @@ def run_search(prepared: Prepared, progress: Progress = print) -> SearchSummary:
     """Start a new study and search it to its budget."""
     cfg, space = prepared.cfg, prepared.space
     store = StudyStore.create(cfg, {g.name: g.default for g in space.genes})
-    controller = make_controller(cfg.optimizer, np.array([g.to_unit(g.default) for g in space.genes]), cfg.workers.n)
+    controller = None
+    if cfg.optimizer.kind not in OPTUNA_SAMPLERS:
+        controller = make_controller(cfg.optimizer, np.array([g.to_unit(g.default) for g in space.genes]), cfg.workers.n)
     return _drive(prepared, store, controller, 0, progress)
 
 
-def resume_search(store: StudyStore, more_trials: int | None, progress: Progress = print) -> SearchSummary:
+def resume_search(store: StudyStore, more_trials: int | None, progress: Progress = print,
+                  worker_cls: type = CandidateWorker) -> SearchSummary:
     """Continue a stopped or killed study from its last optimizer checkpoint."""
-    checkpoint = store.load_controller()
+    cfg = store.config
+    checkpoint = store.load_controller() if cfg.optimizer.kind not in OPTUNA_SAMPLERS else (0, None)
     if checkpoint is None:
         raise StudyError(f"study {store.study.study_name!r} has no optimizer checkpoint; it cannot be resumed")
-    cfg = store.config
     orphans = store.fail_orphans()
     if orphans:
         progress(f"resume: marked {len(orphans)} orphaned RUNNING trial(s) as failed: {orphans}; their candidates run again")
@@ -109,19 +115,25 @@ def resume_search(store: StudyStore, more_trials: int | None, progress: Progress
         cfg = cfg.with_overrides(**{"budget.trials": done + more_trials})
         store.update_config(cfg)
     generation, state = checkpoint
-    return _drive(prepare(cfg, new_study=False), store, loads(state), generation, progress)
+    prepared = dataclasses.replace(prepare(cfg, new_study=False), worker_cls=worker_cls)
+    return _drive(prepared, store, None if state is None else loads(state), generation, progress)
 
 
-def _drive(prepared: Prepared, store: StudyStore, controller: Controller, generation: int, progress: Progress) -> SearchSummary:
+def _drive(prepared: Prepared, store: StudyStore, controller: Controller | None, generation: int, progress: Progress) -> SearchSummary:
     cfg = prepared.cfg
-    progress(f"study {cfg.name!r} in {cfg.storage}: {len(prepared.space.genes)} genes, population {controller.popsize}, "
+    how = f"population {controller.popsize}" if controller else f"Optuna sampler {cfg.optimizer.kind}"
+    progress(f"study {cfg.name!r} in {cfg.storage}: {len(prepared.space.genes)} genes, {how}, "
              f"budget {cfg.budget.trials} trials, {cfg.workers.n} workers")
     start_ray(cfg.workers.n, cfg.workers.cpus_per_worker)
-    pool = WorkerPool(prepared.setup, cfg.workers.n, cpus=cfg.workers.cpus_per_worker, gpus=cfg.workers.gpus_per_worker, progress=progress)
+    pool = WorkerPool(prepared.setup, cfg.workers.n, cpus=cfg.workers.cpus_per_worker,
+                      gpus=cfg.workers.gpus_per_worker, progress=progress, worker_cls=prepared.worker_cls)
     run = SearchRun(prepared, store, controller, pool, progress)
     started = time.perf_counter()
     try:
-        run.generations(generation)
+        if controller is None:
+            run.sampled()
+        else:
+            run.generations(generation)
         run.score_heldout()
     finally:
         pool.close()
@@ -132,7 +144,7 @@ def _drive(prepared: Prepared, store: StudyStore, controller: Controller, genera
 class SearchRun:
     """The controller loop of one search process: the only writer of the study."""
 
-    def __init__(self, prepared: Prepared, store: StudyStore, controller: Controller, pool: WorkerPool, progress: Progress) -> None:
+    def __init__(self, prepared: Prepared, store: StudyStore, controller: Controller | None, pool: WorkerPool, progress: Progress) -> None:
         self.cfg, self.space = prepared.cfg, prepared.space
         self.store, self.controller, self.pool, self.progress = store, controller, pool, progress
         self.distributions = {g.name: g.distribution() for g in self.space.genes}
@@ -145,8 +157,8 @@ class SearchRun:
         self.summary.failed = sum(f is None for f in self.outcomes.values())
         done = self.store.completed()
         if done:
-            best = max(done, key=lambda t: t.value)
-            self.summary.best_number, self.summary.best_fitness = best.number, best.value
+            best = max(done, key=fitness_of)
+            self.summary.best_number, self.summary.best_fitness = best.number, fitness_of(best)
 
     def generations(self, generation: int) -> None:
         while True:
@@ -162,6 +174,25 @@ class SearchRun:
             self.controller.tell(xs, fitness)
             self._record_history(generation, fitness)
             generation += 1
+
+    def sampled(self) -> None:
+        """Optuna samplers: a new trial whenever a worker frees up, until the budget is spent."""
+        queue: deque[Job] = deque()
+        start = len(self.outcomes)
+        next_index = start
+        while next_index < min(start + self.pool.size, self.cfg.budget.trials):
+            queue.append(self._job(0, next_index, None, attempt=0))
+            next_index += 1
+        for job, outcome in self.pool.run(queue):
+            _, index, x, number = job.key
+            if isinstance(outcome, JobFailure):
+                if self._failed(job, number, outcome):
+                    queue.append(self._job(0, index, x, attempt=job.attempt + 1))
+            else:
+                self._completed(0, index, number, outcome)
+            if next_index < self.cfg.budget.trials and not queue:
+                queue.append(self._job(0, next_index, None, attempt=0))
+                next_index += 1
 
     def _run_generation(self, generation: int, xs: list[np.ndarray]) -> list[float | None]:
         fitness: list[float | None] = [None] * len(xs)
@@ -182,12 +213,15 @@ class SearchRun:
             self._completed(generation, index, number, outcome)
         return fitness
 
-    def _job(self, generation: int, index: int, x: np.ndarray, attempt: int) -> Job:
-        values = decode_unit(self.space.genes, x)
+    def _job(self, generation: int, index: int, x: np.ndarray | dict | None, attempt: int) -> Job:
+        """Start the trial for one candidate: `x` a point of the unit cube (our controllers), a dict of
+        gene values (a sampler's proposal being retried), or None (ask the study's sampler)."""
+        values = decode_unit(self.space.genes, x) if isinstance(x, np.ndarray) else x
+        attrs = {"generation": generation, "candidate": index, "attempt": attempt}
+        number, values = self.store.start_trial(values, self.distributions, attrs)
         recipe = self.space.decode(values)
-        attrs = {"generation": generation, "candidate": index, "attempt": attempt, "recipe": recipe.to_dict()}
-        number = self.store.start_trial(values, self.distributions, attrs)
-        return Job(key=(generation, index, x, number), recipe=recipe, attempt=attempt)
+        self.store.set_recipe(number, recipe.to_dict())
+        return Job(key=(generation, index, values if x is None else x, number), recipe=recipe, attempt=attempt)
 
     def _failed(self, job: Job, number: int, failure: JobFailure) -> bool:
         """Record a failed attempt; True when the candidate gets another attempt."""
@@ -203,7 +237,10 @@ class SearchRun:
         return retry
 
     def _completed(self, generation: int, index: int, number: int, result: CandidateResult) -> None:
-        if not self.store.finish_trial(number, result.fitness, _result_attrs(result)):
+        objectives = None
+        if self.cfg.optimizer.objectives == "per_task":
+            objectives = [result.scores[t.name] for t in self.cfg.evaluation.tasks]
+        if not self.store.finish_trial(number, result.fitness, _result_attrs(result), objectives):
             self.progress(f"trial {number} was finished outside evomerge (dashboard?); its state is kept")
         self.outcomes[(generation, index)] = result.fitness
         self.summary.trials += 1
@@ -227,7 +264,7 @@ class SearchRun:
 
     def score_heldout(self) -> None:
         """Score the top-k trials (by fitness) on the held-out split and record it in the study."""
-        top = sorted(self.store.completed(), key=lambda t: t.value, reverse=True)[: self.cfg.evaluation.heldout_top_k]
+        top = sorted(self.store.completed(), key=fitness_of, reverse=True)[: self.cfg.evaluation.heldout_top_k]
         top = [t for t in top if self.store.heldout(t.number) is None]
         if not top:
             return

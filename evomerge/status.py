@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.study import StudyStore, optuna_storage, storage_exists
+from evomerge.study import StudyStore, fitness_of, optuna_storage, storage_exists
 
 
 def studies_table(storage: str) -> str:
@@ -17,7 +17,7 @@ def studies_table(storage: str) -> str:
         study = optuna.load_study(study_name=summary.study_name, storage=backend)
         trials = study.get_trials(deepcopy=False)
         count = {s: sum(t.state == s for t in trials) for s in TrialState}
-        best = max((t.value for t in trials if t.state == TrialState.COMPLETE), default=None)
+        best = max((fitness_of(t) for t in trials if t.state == TrialState.COMPLETE), default=None)
         state = "running or stopped mid-run" if count[TrialState.RUNNING] else "idle"
         rows.append((summary.study_name, str(count[TrialState.COMPLETE]), str(count[TrialState.FAIL]),
                      str(count[TrialState.RUNNING]), "-" if best is None else f"{best:.4f}", state))
@@ -33,14 +33,14 @@ def trials_table(storage: str, name: str) -> str:
         recipe = t.user_attrs.get("recipe") or {}
         rows.append((
             str(t.number), t.state.name,
-            "-" if t.value is None else f"{t.value:.4f}",
+            "-" if t.state != TrialState.COMPLETE else f"{fitness_of(t):.4f}",
             "-" if heldout is None else f"{heldout['fitness']:.4f}",
             str(recipe.get("method", "-")),
             _num(t.user_attrs.get("merge_s")), _num(t.user_attrs.get("eval_s")),
             str(t.user_attrs.get("fail_reason", ""))[:60],
         ))
     best = store.trial(None) if any(t.state == TrialState.COMPLETE for t in trials) else None
-    footer = f"\nbest: trial {best.number}, fitness {best.value:.4f}" if best else ""
+    footer = f"\nbest: trial {best.number}, fitness {fitness_of(best):.4f}" if best else ""
     return _table(rows) + footer
 
 

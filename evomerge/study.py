@@ -72,11 +72,15 @@ def study_names(url: str) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage=optuna_storage(url))]
 
 
-@dataclass(frozen=True)
-class FinishedCandidate:
-    number: int
-    fitness: float | None
-    scores: dict[str, float]
+def fitness_of(trial: optuna.trial.FrozenTrial) -> float:
+    """The weighted-mean fitness of a completed trial (multi-objective studies keep it as an attribute)."""
+    return trial.user_attrs.get("fitness", trial.value if len(trial.values or ()) == 1 else float("nan"))
+
+
+def sampler_for(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    from evomerge.optimize._optuna import make_sampler
+
+    return make_sampler(cfg.optimizer, n_startup=max(cfg.workers.n, 4))
 
 
 class StudyStore:
@@ -94,8 +98,9 @@ class StudyStore:
                 f"study {cfg.name!r} already exists in {cfg.storage}; pass --study NEW_NAME, "
                 f"or look at it with `evomerge status --storage {cfg.storage} {cfg.name}`"
             )
-        sampler = optuna.samplers.RandomSampler(seed=cfg.optimizer.seed)  # params always come from us
-        study = optuna.create_study(storage=optuna_storage(cfg.storage), study_name=cfg.name, direction="maximize", sampler=sampler)
+        directions = ["maximize"] * (len(cfg.evaluation.tasks) if cfg.optimizer.objectives == "per_task" else 1)
+        study = optuna.create_study(storage=optuna_storage(cfg.storage), study_name=cfg.name,
+                                    directions=directions, sampler=sampler_for(cfg))
         study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())
         study.set_user_attr("evomerge.genes", list(genes))
         return cls(study)
@@ -110,7 +115,11 @@ class StudyStore:
             name = names[0]
         if name not in names:
             raise StudyError(f"study {name!r} not found in {storage} (studies there: {', '.join(names) or 'none'})")
-        return cls(optuna.load_study(study_name=name, storage=optuna_storage(storage)))
+        study = optuna.load_study(study_name=name, storage=optuna_storage(storage))
+        store = cls(study)
+        if CONFIG_ATTR in study.user_attrs:  # give a resumed study its configured sampler back
+            study.sampler = sampler_for(store.config)
+        return store
 
     @property
     def config(self) -> StudyConfig:
@@ -121,16 +130,28 @@ class StudyStore:
 
         return parse_config(yaml.safe_load(text), source=f"study {self.study.study_name}")
 
-    def start_trial(self, params: Mapping[str, Any], distributions: Mapping[str, Any], attrs: Mapping[str, Any]) -> int:
-        """A RUNNING trial holding exactly these params; returns its number."""
-        self.study.enqueue_trial(dict(params), user_attrs=dict(attrs))
+    def start_trial(self, params: Mapping[str, Any] | None, distributions: Mapping[str, Any], attrs: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A RUNNING trial holding exactly `params` (or, when None, params the study's sampler proposes);
+        returns its number and params."""
+        if params is not None:
+            self.study.enqueue_trial(dict(params), user_attrs=dict(attrs))
         trial = self.study.ask(fixed_distributions=dict(distributions))
+        if params is None:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
         self._running[trial.number] = trial
-        return trial.number
+        return trial.number, dict(trial.params)
 
-    def finish_trial(self, number: int, fitness: float, attrs: Mapping[str, Any]) -> bool:
-        """Record a scored trial; False when someone finished it meanwhile (in the dashboard, say)."""
-        return self._close(number, dict(attrs), fitness=fitness)
+    def set_recipe(self, number: int, recipe: dict[str, Any]) -> None:
+        self._running[number].set_user_attr("recipe", recipe)
+
+    def finish_trial(self, number: int, fitness: float, attrs: Mapping[str, Any], objectives: list[float] | None = None) -> bool:
+        """Record a scored trial; False when someone finished it meanwhile (in the dashboard, say).
+
+        `fitness` is the weighted mean over tasks (also kept as the `fitness` user attribute); a
+        multi-objective study is told `objectives` (one score per task) instead.
+        """
+        return self._close(number, {**attrs, "fitness": fitness}, fitness=objectives or fitness)
 
     def fail_trial(self, number: int, reason: str) -> bool:
         return self._close(number, {"fail_reason": reason}, state=optuna.trial.TrialState.FAIL)
@@ -177,7 +198,7 @@ class StudyStore:
             if None in key:
                 continue
             if t.state == optuna.trial.TrialState.COMPLETE:
-                out[key] = t.value
+                out[key] = fitness_of(t)
             elif t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("attempt", 0) >= MAX_ATTEMPTS - 1 \
                     and key not in out and not str(t.user_attrs.get("fail_reason", "")).startswith("orphaned"):
                 out[key] = None
@@ -192,6 +213,9 @@ class StudyStore:
     def heldout(self, number: int) -> dict[str, Any] | None:
         return self.study.user_attrs.get(f"{HELDOUT_PREFIX}{number}")
 
+    def pareto_front(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.best_trials if len(self.study.directions) > 1 else [self.trial(None)]
+
     def completed(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
@@ -202,7 +226,7 @@ class StudyStore:
             what = "no completed trial" if number is None else f"no trial {number}"
             raise StudyError(f"study {self.study.study_name!r} has {what}")
         if number is None:
-            return max(trials, key=lambda t: t.value)
+            return max(trials, key=fitness_of)
         return trials[0]
 
     @staticmethod

@@ -79,7 +79,10 @@ class CandidateWorker:
         spec = check_recipe(recipe)
         groups = self._group_maps.get(recipe.n_groups) or self._group_maps.setdefault(recipe.n_groups, group_map(recipe, self.base))
         for name, target in self.live.items():
-            target.copy_(merge_named(recipe, spec, name, groups[name], self.base_tensors[name], self.deltas[name]))
+            merged = merge_named(recipe, spec, name, groups[name], self.base_tensors[name], self.deltas[name])
+            if not torch.isfinite(merged).all():
+                raise FloatingPointError(f"merged tensor {name!r} has NaN or inf values; the recipe is degenerate")
+            target.copy_(merged)
         _sync(self.device)
         return time.perf_counter() - started
 

@@ -32,8 +32,8 @@ def dists():
 
 def test_trials_keep_params_attrs_and_outcomes(store: StudyStore) -> None:
     recipe = {"method": "ties", "base": "/m/base", "sources": ["/m/a"], "groups": [{"weight": [0.3]}]}
-    n0 = store.start_trial({"g0.weight.a": 0.3}, dists(), {"generation": 0, "candidate": 0, "attempt": 0, "recipe": recipe})
-    n1 = store.start_trial({"g0.weight.a": 0.7}, dists(), {"generation": 0, "candidate": 1, "attempt": 1})
+    n0, _ = store.start_trial({"g0.weight.a": 0.3}, dists(), {"generation": 0, "candidate": 0, "attempt": 0, "recipe": recipe})
+    n1, _ = store.start_trial({"g0.weight.a": 0.7}, dists(), {"generation": 0, "candidate": 1, "attempt": 1})
     assert store.finish_trial(n0, 0.5, {"scores.fitness": {"zoo_arith": 0.5}})
     assert store.fail_trial(n1, "ValueError: boom")
     again = StudyStore.open(store.config.storage, store.study.study_name)
@@ -57,7 +57,7 @@ def test_controller_checkpoint_round_trips_in_chunks(store: StudyStore) -> None:
 
 
 def test_orphans_are_failed_and_not_final(store: StudyStore) -> None:
-    n = store.start_trial({"g0.weight.a": 0.1}, dists(), {"generation": 2, "candidate": 5, "attempt": 0})
+    n, _ = store.start_trial({"g0.weight.a": 0.1}, dists(), {"generation": 2, "candidate": 5, "attempt": 0})
     fresh = StudyStore.open(store.config.storage, store.study.study_name)  # as after a crash
     assert fresh.fail_orphans() == [n]
     assert fresh.trial(n).state == optuna.trial.TrialState.FAIL
@@ -65,7 +65,7 @@ def test_orphans_are_failed_and_not_final(store: StudyStore) -> None:
 
 
 def test_finished_elsewhere_does_not_break_the_writer(store: StudyStore) -> None:
-    n = store.start_trial({"g0.weight.a": 0.2}, dists(), {"generation": 0, "candidate": 0, "attempt": 0})
+    n, _ = store.start_trial({"g0.weight.a": 0.2}, dists(), {"generation": 0, "candidate": 0, "attempt": 0})
     store.study.tell(n, state=optuna.trial.TrialState.FAIL)  # what optuna-dashboard's "fail" does
     assert store.finish_trial(n, 0.9, {"x": 1}) is False
 

@@ -1,0 +1,111 @@
+"""Cluster-grade behaviour with real Ray workers: SIGKILLed controller + resume, dying workers, raising candidates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from evomerge.config import load_config
+from evomerge.search import prepare, resume_search, run_search
+from evomerge.study import StudyStore
+from evomerge.worker import CandidateWorker
+from storage_urls import BACKENDS, storage_url, unique_name
+from study_configs import zoo_config
+
+pytestmark = pytest.mark.slow
+COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+
+
+def params_by_candidate(store: StudyStore) -> dict[tuple[int, int], dict]:
+    return {(t.user_attrs["generation"], t.user_attrs["candidate"]): t.params
+            for t in store.study.get_trials(states=(COMPLETE,))}
+
+
+def wait_for_completed(url: str, name: str, n: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if len(StudyStore.open(url, name).completed()) >= n:
+                return
+        except Exception:  # noqa: BLE001 -- the study may not exist yet
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {n} trials completed within {timeout_s}s")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sigkilled_controller_resumes_to_the_same_trials(zoo_llama, tmp_path: Path, backend: str) -> None:
+    url = storage_url(backend, tmp_path)
+    straight, killed = unique_name("straight"), unique_name("killed")
+    common = dict(trials=8, popsize=4, limit=20, storage=url)
+    run_search(prepare(load_config(zoo_config(zoo_llama, tmp_path, name=straight, **common))), progress=lambda s: None)
+
+    config = zoo_config(zoo_llama, tmp_path, name=killed, **common)
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(config)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_completed(url, killed, 5, timeout_s=240)  # into the second generation
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the controller, mid-generation
+        proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)  # and the Ray processes it started
+    store = StudyStore.open(url, killed)
+    assert len(store.completed()) < 8
+    summary = resume_search(store, None, progress=lambda s: None)
+    assert summary.trials == 8
+
+    a = params_by_candidate(StudyStore.open(url, straight))
+    b = params_by_candidate(StudyStore.open(url, killed))
+    assert sorted(a) == sorted(b) == [(g, c) for g in (0, 1) for c in range(4)]
+    assert a == b
+
+
+def test_resume_with_more_trials_continues_the_same_search(zoo_llama, tmp_path: Path) -> None:
+    url = storage_url("sqlite", tmp_path)
+    run_search(prepare(load_config(zoo_config(zoo_llama, tmp_path, name="long", trials=8, limit=20))), progress=lambda s: None)
+    run_search(prepare(load_config(zoo_config(zoo_llama, tmp_path, name="short", trials=4, limit=20))), progress=lambda s: None)
+    resume_search(StudyStore.open(url, "short"), 4, progress=lambda s: None)
+    assert params_by_candidate(StudyStore.open(url, "long")) == params_by_candidate(StudyStore.open(url, "short"))
+
+
+def flaky_worker_class(marker_dir: Path) -> type:
+    """A real worker that dies (SIGKILL) on its first candidate, and raises for candidates with a high weight."""
+
+    def evaluate(self, recipe, split="fitness"):
+        marker = marker_dir / "killed-once"
+        if split == "fitness" and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if recipe.groups[0]["weight"][0] > 1.2:
+            raise RuntimeError("simulated CUDA out of memory")
+        return CandidateWorker.evaluate(self, recipe, split)
+
+    return type("FlakyWorker", (CandidateWorker,), {"evaluate": evaluate})
+
+
+def test_dead_workers_and_raising_candidates_do_not_stop_the_search(zoo_llama, tmp_path: Path) -> None:
+    url = storage_url("sqlite", tmp_path)
+    prepared = prepare(load_config(zoo_config(zoo_llama, tmp_path, name="flaky", trials=8, limit=20)))
+    import dataclasses
+
+    lines: list[str] = []
+    prepared = dataclasses.replace(prepared, worker_cls=flaky_worker_class(tmp_path))
+    summary = run_search(prepared, progress=lines.append)
+    store = StudyStore.open(url, "flaky")
+    trials = store.study.get_trials()
+    reasons = [t.user_attrs.get("fail_reason", "") for t in trials if t.state == FAIL]
+    assert any(r.startswith("worker died") for r in reasons), reasons
+    assert any("simulated CUDA out of memory" in r for r in reasons), reasons
+    assert summary.trials == 8  # the budget is spent: every candidate has an outcome
+    outcomes = store.candidate_outcomes()
+    assert len(outcomes) == 8
+    assert sum(v is None for v in outcomes.values()) == summary.failed >= 1
+    assert len(store.completed()) == 8 - summary.failed  # no completed trial lost
+    assert any("replaced it" in line for line in lines)

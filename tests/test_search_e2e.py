@@ -1,0 +1,54 @@
+"""End to end on the zoo: real Ray workers, real lm-eval scoring, real SQLite study, real export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from evomerge.cli import main
+from evomerge.study import StudyStore
+from study_configs import zoo_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_search_then_export_rescored_exactly(zoo_llama, tmp_path: Path, capsys) -> None:
+    config = zoo_config(zoo_llama, tmp_path, name="e2e", trials=6, popsize=4)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["search", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "[6/6]" in out and "held-out: trial" in out
+
+    store = StudyStore.open(url, "e2e")
+    trials = store.study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 6
+    best = store.trial(None)
+    assert set(best.params) == {f"g0.{p}.{m}" for p in ("weight", "density") for m in zoo_llama.specialists}
+    assert set(best.user_attrs["scores.fitness"]) == {f"zoo_{s}" for s in zoo_llama.specialists}
+    assert best.user_attrs["merge_s"] > 0 and best.user_attrs["eval_s"] > 0
+    assert store.heldout(best.number) is not None
+
+    out_dir = tmp_path / "best"
+    assert main(["export", "e2e", "--storage", url, "--out", str(out_dir)]) == 0
+    assert (out_dir / "recipe.yaml").is_file() and "trial" in (out_dir / "README.md").read_text()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.config import load_config
+    from evomerge.scoring import LmEvalScorer
+    from evomerge.search import task_specs
+
+    cfg = load_config(config)
+    scorer = LmEvalScorer(task_specs(cfg), cfg.evaluation.include_paths)
+    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    scores = scorer.score(model, AutoTokenizer.from_pretrained(out_dir), "fitness")
+    assert scores == best.user_attrs["scores.fitness"]  # exactly, not approximately
+    heldout = scorer.score(model, AutoTokenizer.from_pretrained(out_dir), "heldout")
+    assert heldout == store.heldout(best.number)["scores"]
+
+    assert main(["status", "--storage", url]) == 0
+    assert "e2e" in capsys.readouterr().out
+    assert main(["status", "--storage", url, "e2e"]) == 0
+    assert "COMPLETE" in capsys.readouterr().out
