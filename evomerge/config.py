@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -46,7 +46,7 @@ class ModelsConfig(_Strict):
     trust_remote_code: bool = False
 
 
-class SearchSpaceConfig(_Strict):
+class ParameterSpaceConfig(_Strict):
     """A parameter-space search: per layer group, per source model, the method's parameters."""
 
     kind: Literal["parameter"] = "parameter"
@@ -54,6 +54,37 @@ class SearchSpaceConfig(_Strict):
     layer_groups: int = Field(1, ge=1, description="1 = one set of parameters for the whole model")
     params: dict[str, Bound] = Field(default_factory=dict, description="searched parameters and bounds")
     fixed: dict[str, float] = Field(default_factory=dict, description="parameters held at a value")
+
+
+class LayerSwapSpaceConfig(_Strict):
+    """Each layer group takes its weights from one source model (or the base): one choice gene per group."""
+
+    kind: Literal["layer_swap"]
+    layer_groups: int = Field(0, ge=0, description="0 = one group per layer")
+    include_base: bool = Field(True, description="the base model is one of the choices")
+    blend_boundaries: bool = Field(False, description="the first layer after a change of source is a 50/50 mix")
+
+
+class DataFlowSpaceConfig(_Strict):
+    """Data-flow (path) search after Akiba et al. 2024: which layers of which models run, in which order."""
+
+    kind: Literal["dfs"]
+    repeats: int = Field(2, ge=1, description="the sources' layers are laid out in order and repeated this often")
+    max_path_layers: int | None = Field(None, ge=1, description="cap on the path length (default: 2x the base's layers)")
+    scale: Bound = Field(default_factory=lambda: Bound(low=0.5, high=2.0), description="hidden-state scale per slot")
+    embed_from: str | None = Field(None, description="model label whose embeddings and head are used (default: first source)")
+    include_base: bool = Field(False, description="lay out the base model's layers too")
+
+    @field_validator("scale")
+    @classmethod
+    def _positive(cls, scale: Bound) -> Bound:
+        if scale.low <= 0:
+            raise ValueError(f"low = {scale.low}; a scale must be positive to fold into the weights; set low > 0")
+        return scale
+
+
+SPACE_KINDS = {"parameter": ParameterSpaceConfig, "layer_swap": LayerSwapSpaceConfig, "dfs": DataFlowSpaceConfig}
+SearchSpaceConfig = Annotated[ParameterSpaceConfig | LayerSwapSpaceConfig | DataFlowSpaceConfig, Field(discriminator="kind")]
 
 
 class TaskConfig(_Strict):
@@ -127,6 +158,14 @@ class StudyConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     budget: BudgetConfig = BudgetConfig()
     workers: WorkersConfig = WorkersConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_space_kind(cls, data: Any) -> Any:
+        space = data.get("search_space") if isinstance(data, dict) else None
+        if isinstance(space, dict) and "kind" not in space:
+            return {**data, "search_space": {"kind": "parameter", **space}}
+        return data
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
         """A copy with dotted-path overrides, e.g. `{"budget.trials": 8}`; None values are skipped."""
@@ -229,9 +268,12 @@ def _local_or_ref(ref: str, root: Path) -> str:
 def _one_line(exc: ValidationError) -> str:
     # A typo'd key also makes the real key "missing": report the typo, which explains both.
     err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    raw = tuple(err["loc"])
+    kind = raw[1] if len(raw) > 1 and raw[0] == "search_space" and raw[1] in SPACE_KINDS else None
+    err = {**err, "loc": _without_union_tags(raw)}
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key{_did_you_mean(err['loc'])}; remove it or fix its spelling"
+        return f"{loc}: unknown key{_did_you_mean(err['loc'], kind)}; remove it or fix its spelling"
     if err["type"] == "missing":
         return f"{loc}: required key is missing; add it"
     msg = err["msg"].removeprefix("Value error, ")
@@ -241,10 +283,20 @@ def _one_line(exc: ValidationError) -> str:
     return f"{loc or 'top level'}: {msg}{shown}{more}"
 
 
-def _did_you_mean(loc: tuple[Any, ...]) -> str:
+def _without_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic puts the union member's tag in the path (search_space.dfs.x); users wrote search_space.x."""
+    if len(loc) > 1 and loc[0] == "search_space" and loc[1] in SPACE_KINDS:
+        return (loc[0], *loc[2:])
+    return tuple(loc)
+
+
+def _did_you_mean(loc: tuple[Any, ...], space_kind: str | None = None) -> str:
     model: Any = StudyConfig
     for key in loc[:-1]:
         if isinstance(key, int):  # a list index: stay on the list's item model
+            continue
+        if key == "search_space" and model is StudyConfig:
+            model = SPACE_KINDS.get(space_kind or "parameter", ParameterSpaceConfig)
             continue
         field = model.model_fields.get(str(key)) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:

@@ -30,7 +30,7 @@ from evomerge.config import OPTUNA_SAMPLERS
 from evomerge.optimize import Controller, loads, make_controller
 from evomerge.pool import Job, JobFailure, WorkerPool, start_ray
 from evomerge.scoring import TaskSpec, check_tasks
-from evomerge.spaces import ParameterSpace, decode_unit
+from evomerge.spaces import SearchSpace, build_space, decode_unit
 from evomerge.study import MAX_ATTEMPTS, StudyStore, check_storage_url, fitness_of, study_names
 from evomerge.worker import CandidateResult, CandidateWorker, WorkerSetup
 
@@ -40,7 +40,7 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class Prepared:
     cfg: StudyConfig
-    space: ParameterSpace
+    space: SearchSpace
     setup: WorkerSetup
     worker_cls: type = CandidateWorker  # tests and benchmarks swap in instrumented workers
 
@@ -74,7 +74,7 @@ def prepare(cfg: StudyConfig, *, new_study: bool = True) -> Prepared:
     base = Checkpoint.open(cfg.models.base, allow_pickle=cfg.models.allow_pickle)
     sources = [(s, Checkpoint.open(s, allow_pickle=cfg.models.allow_pickle)) for s in cfg.models.sources]
     check_mergeable(base, sources)
-    space = ParameterSpace(cfg.search_space, cfg.models.base, cfg.models.sources, num_layers(base.config), seed=cfg.optimizer.seed)
+    space = build_space(cfg.search_space, cfg.models.base, cfg.models.sources, num_layers(base.config), seed=cfg.optimizer.seed)
     tasks = task_specs(cfg)
     check_tasks(tasks, cfg.evaluation.include_paths)
     setup = WorkerSetup(

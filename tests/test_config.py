@@ -63,3 +63,12 @@ def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_space_kinds_and_their_typos(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD.replace("search_space: ties", "search_space: {kind: layer_swap, layer_groups: 2}")))
+    assert cfg.search_space.kind == "layer_swap" and cfg.search_space.include_base
+    with pytest.raises(ConfigError, match=r"search_space\.repeat: unknown key \(did you mean: repeats\?\)"):
+        load_config(write(tmp_path, GOOD.replace("search_space: ties", "search_space: {kind: dfs, repeat: 2}")))
+    with pytest.raises(ConfigError, match=r"search_space\.scale: low = 0\.0; a scale must be positive"):
+        load_config(write(tmp_path, GOOD.replace("search_space: ties", "search_space: {kind: dfs, scale: {low: 0, high: 2}}")))

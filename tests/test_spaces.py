@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from evomerge.config import Bound, SearchSpaceConfig
+from evomerge.config import Bound, ParameterSpaceConfig
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
 from evomerge.spaces import Gene, ParameterSpace, decode_unit, encode_unit, model_labels
@@ -10,7 +10,7 @@ SOURCES = ["/m/math-7b", "org/ja-7b@main"]
 
 
 def space(**kw) -> ParameterSpace:
-    cfg = SearchSpaceConfig(**{"methods": ["ties"], "layer_groups": 2,
+    cfg = ParameterSpaceConfig(**{"methods": ["ties"], "layer_groups": 2,
                                "params": {"weight": Bound(low=0.0, high=2.0), "density": Bound(low=0.2, high=1.0)}, **kw})
     return ParameterSpace(cfg, "/m/base", SOURCES, n_layers=4, seed=7)
 
@@ -70,3 +70,19 @@ def test_too_many_groups_and_empty_space() -> None:
 
 def test_model_labels_are_unique_and_safe() -> None:
     assert model_labels(["/a/x y", "org/x y@v2", "/b/m/"]) == ["x_y", "x_y_1", "m"]
+
+
+def test_layer_swap_decodes_to_one_hot_task_arithmetic() -> None:
+    from evomerge.config import LayerSwapSpaceConfig
+    from evomerge.spaces import LayerSwapSpace
+
+    s = LayerSwapSpace(LayerSwapSpaceConfig(kind="layer_swap", layer_groups=2), "/m/base", SOURCES, n_layers=4)
+    assert [g.name for g in s.genes] == ["g0.source", "g1.source"]
+    assert s.genes[0].choices == ("base", "math-7b", "ja-7b")
+    recipe = s.decode({"g0.source": "base", "g1.source": "ja-7b"})
+    assert recipe.method == "task_arithmetic" and recipe.n_groups == 4  # one group per layer
+    assert [g["weight"] for g in recipe.groups] == [(0.0, 0.0), (0.0, 0.0), (0.0, 1.0), (0.0, 1.0)]
+    blended = LayerSwapSpace(LayerSwapSpaceConfig(kind="layer_swap", layer_groups=2, blend_boundaries=True),
+                             "/m/base", SOURCES, n_layers=4).decode({"g0.source": "math-7b", "g1.source": "ja-7b"})
+    assert [g["weight"] for g in blended.groups] == [(1.0, 0.0), (1.0, 0.0), (0.5, 0.5), (0.0, 1.0)]
+    assert s.genes[0].from_unit(0.99) == "ja-7b" and s.genes[0].from_unit(0.0) == "base"

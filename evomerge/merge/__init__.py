@@ -10,5 +10,6 @@ models; the result is the merged tensor (*S) in fp32. Methods, their parameters 
 
 from evomerge.merge import _methods  # noqa: F401  (registers every method in METHODS)
 from evomerge.merge._registry import METHODS, MergeParamError, MethodSpec, ParamSpec, get_method, merge_tensor
+from evomerge.merge._sparsify import DeltaStats
 
-__all__ = ["METHODS", "MergeParamError", "MethodSpec", "ParamSpec", "get_method", "merge_tensor"]
+__all__ = ["METHODS", "DeltaStats", "MergeParamError", "MethodSpec", "ParamSpec", "get_method", "merge_tensor"]

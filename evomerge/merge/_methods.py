@@ -38,12 +38,13 @@ from torch import Tensor
 
 from evomerge.merge._registry import ParamSpec, Resolved, register
 from evomerge.merge._sparsify import (
-    keep_middle_magnitude,
-    keep_top_magnitude,
+    DeltaStats,
+    middle_magnitude_mask,
     per_model,
-    random_keep,
-    rank_sampled_keep,
-    sign_consensus,
+    random_mask,
+    rank_sampled_mask,
+    rescale_l1,
+    top_magnitude_mask,
 )
 
 WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True)
@@ -56,24 +57,58 @@ SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this is colinear, so slerp
 SLERP_NORM_EPS = 1e-8  # mergekit: norms at or below this count as 1
 STOCK_NORM_EPS = 1e-6  # mergekit model_stock: floor of |d_i| * |d_j| in the cosine
 STOCK_SINGULAR = 1e-6  # mergekit model_stock: |1 + (N-1) cos| below this keeps the base
+MIX_CHUNK = 1 << 16  # entries per step of _mix: its (E, chunk) temporaries stay in cache, not in RSS
 
 
-def _mix(base: Tensor, kept: Tensor, weight: Tensor, *, elect_sign: bool, normalize: bool, lambda_: float) -> Tensor:
-    """base + lambda_ * (weighted, optionally sign-elected, optionally normalized) sum of kept deltas."""
-    w = per_model(weight, kept)  # (E, 1, ..., 1)
-    weighted = kept * w
-    if elect_sign:
-        agree = sign_consensus(weighted)  # (E, *S)
-        mixed = (weighted * agree).sum(0)
-        divisor = (w * agree).sum(0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = weighted.sum(0)
-        divisor = w.sum(0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    if normalize:
-        mixed = mixed / divisor
-    return base.float() + lambda_ * mixed
+def _mix(
+    base: Tensor,
+    deltas: Tensor,
+    weight: Tensor,
+    *,
+    elect_sign: bool,
+    normalize: bool,
+    lambda_: float,
+    mask: Tensor | None = None,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """base + lambda_ * (weighted, optionally sign-elected, optionally normalized) sum of the kept deltas
+    d_e * mask_e * scale_e (mask (E, N) bool over flat entries, scale (E,)), in fp32.
+
+    Every step is per entry, so it runs over chunks of MIX_CHUNK entries: the working tensors are
+    (E, chunk), and memory beyond the inputs is the output alone.
+    """
+    n_models = len(deltas)
+    flat, base_flat = deltas.reshape(n_models, -1), base.reshape(-1)
+    out = torch.empty(base_flat.shape, dtype=torch.float32, device=deltas.device)
+    w = weight.to(device=deltas.device, dtype=torch.float32).view(n_models, 1)
+    s = None if scale is None else scale.to(w).view(n_models, 1)
+    plain_divisor = torch.where(w.sum(0).abs() < 1e-8, torch.ones_like(w[0]), w.sum(0))  # (1,)
+    for start in range(0, flat.shape[1], MIX_CHUNK):
+        chunk = slice(start, start + MIX_CHUNK)
+        kept = flat[:, chunk].float()
+        if mask is not None:
+            kept = kept * mask[:, chunk]
+        if s is not None:
+            kept = kept * s
+        weighted = kept * w  # (E, c)
+        if elect_sign:
+            agree = sign_consensus(weighted)
+            mixed = (weighted * agree).sum(0)
+            divisor = (w * agree).sum(0)
+            divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        else:
+            mixed, divisor = weighted.sum(0), plain_divisor
+        if normalize:
+            mixed = mixed / divisor
+        out[chunk] = base_flat[chunk].float() + lambda_ * mixed
+    return out.view(base.shape)
+
+
+def sign_consensus(weighted: Tensor) -> Tensor:
+    """TIES sign election (mergekit consensus ``sum``): the elected sign is that of the sum of weighted
+    deltas (+ on ties at 0); returns where each model agrees with it (zeros never agree). (E, *S) bool."""
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    return weighted.sign() == elected
 
 
 # --- task-vector family (mergekit generalized_task_arithmetic) -----------------------------------
@@ -84,7 +119,7 @@ def task_arithmetic(
     base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): base + lambda_ * sum_i w_i d_i."""
-    return _mix(base, deltas.float(), weight, elect_sign=False, normalize=False, lambda_=lambda_)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_)
 
 
 @register(WEIGHT, DENSITY, LAMBDA)
@@ -96,11 +131,12 @@ def ties(
     density: Tensor,
     lambda_: float,
     generator: torch.Generator | None = None,
+    stats: DeltaStats | None = None,
 ) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): trim to the top-density magnitudes per model, elect the sign
     of sum_i w_i d_i per entry, average the agreeing weighted deltas (divided by their weights)."""
-    kept = keep_top_magnitude(deltas.float(), density)
-    return _mix(base, kept, weight, elect_sign=True, normalize=True, lambda_=lambda_)
+    mask = top_magnitude_mask(deltas, density, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, mask=mask)
 
 
 @register(WEIGHT, DENSITY, LAMBDA, random=True)
@@ -112,10 +148,12 @@ def dare_ties(
     density: Tensor,
     lambda_: float,
     generator: torch.Generator | None = None,
+    stats: DeltaStats | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2024) drop-and-rescale, then TIES sign election; not normalized (mergekit)."""
-    kept = random_keep(deltas.float(), density, generator)
-    return _mix(base, kept, weight, elect_sign=True, normalize=False, lambda_=lambda_)
+    mask = random_mask(deltas, density, generator)
+    scale = rescale_l1(deltas, mask, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, mask=mask, scale=scale)
 
 
 @register(WEIGHT, DENSITY, LAMBDA, random=True)
@@ -127,10 +165,12 @@ def dare_linear(
     density: Tensor,
     lambda_: float,
     generator: torch.Generator | None = None,
+    stats: DeltaStats | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2024) drop-and-rescale, then task arithmetic."""
-    kept = random_keep(deltas.float(), density, generator)
-    return _mix(base, kept, weight, elect_sign=False, normalize=False, lambda_=lambda_)
+    mask = random_mask(deltas, density, generator)
+    scale = rescale_l1(deltas, mask, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, mask=mask, scale=scale)
 
 
 @register(WEIGHT, DENSITY, GAMMA, LAMBDA)
@@ -143,11 +183,12 @@ def breadcrumbs(
     gamma: Tensor,
     lambda_: float,
     generator: torch.Generator | None = None,
+    stats: DeltaStats | None = None,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the gamma largest and the smallest
     magnitudes, keeping a density fraction, then task arithmetic."""
-    kept = keep_middle_magnitude(deltas.float(), density, gamma)
-    return _mix(base, kept, weight, elect_sign=False, normalize=False, lambda_=lambda_)
+    mask = middle_magnitude_mask(deltas, density, gamma, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, mask=mask)
 
 
 @register(WEIGHT, DENSITY, GAMMA, LAMBDA)
@@ -160,10 +201,11 @@ def breadcrumbs_ties(
     gamma: Tensor,
     lambda_: float,
     generator: torch.Generator | None = None,
+    stats: DeltaStats | None = None,
 ) -> Tensor:
     """Model Breadcrumbs sparsification, then TIES sign election; not normalized (mergekit)."""
-    kept = keep_middle_magnitude(deltas.float(), density, gamma)
-    return _mix(base, kept, weight, elect_sign=True, normalize=False, lambda_=lambda_)
+    mask = middle_magnitude_mask(deltas, density, gamma, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, mask=mask)
 
 
 def _della_window(values: Resolved, n_models: int) -> str | None:
@@ -188,11 +230,14 @@ def della(
     epsilon: Tensor,
     lambda_: float,
     generator: torch.Generator | None = None,
+    stats: DeltaStats | None = None,
 ) -> Tensor:
     """DELLA-Merging (Deep et al. 2024): MagPrune (keep probability rises with magnitude rank,
     density +- epsilon), L1 rescale, TIES sign election, normalized (mergekit)."""
-    kept = rank_sampled_keep(deltas.float(), density, epsilon, generator)
-    return _mix(base, kept, weight, elect_sign=True, normalize=True, lambda_=lambda_)
+    stats = stats or DeltaStats(deltas)
+    mask = rank_sampled_mask(deltas, density, epsilon, generator, stats)
+    scale = rescale_l1(deltas, mask, stats)
+    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, mask=mask, scale=scale)
 
 
 @register(WEIGHT, DENSITY, EPSILON, LAMBDA, random=True, constraints=(_della_window,))
@@ -205,10 +250,13 @@ def della_linear(
     epsilon: Tensor,
     lambda_: float,
     generator: torch.Generator | None = None,
+    stats: DeltaStats | None = None,
 ) -> Tensor:
     """DELLA MagPrune and L1 rescale, then task arithmetic (no sign election, not normalized)."""
-    kept = rank_sampled_keep(deltas.float(), density, epsilon, generator)
-    return _mix(base, kept, weight, elect_sign=False, normalize=False, lambda_=lambda_)
+    stats = stats or DeltaStats(deltas)
+    mask = rank_sampled_mask(deltas, density, epsilon, generator, stats)
+    scale = rescale_l1(deltas, mask, stats)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, mask=mask, scale=scale)
 
 
 # --- interpolation and geometric methods ----------------------------------------------------------
@@ -227,7 +275,7 @@ def _weights_not_all_zero(values: Resolved, n_models: int) -> str | None:
 def linear(base: Tensor, deltas: Tensor, *, weight: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Weighted average of the source models (model soups, Wortsman et al. 2022), normalized as in
     mergekit: sum_i w_i x_i / sum_i w_i = base + sum_i w_i d_i / sum_i w_i. The base gets no weight."""
-    return _mix(base, deltas.float(), weight, elect_sign=False, normalize=True, lambda_=1.0)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=True, lambda_=1.0)
 
 
 @register(ParamSpec("t", 0.0, 1.0, 0.5, per_model=False), max_models=1)

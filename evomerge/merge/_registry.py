@@ -10,6 +10,7 @@ line that names method, parameter, value, allowed range and fix) and turns per-m
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import ConfigError
+from evomerge.merge._sparsify import DeltaStats
 
 ParamValue: TypeAlias = float | Sequence[float] | Tensor
 Resolved: TypeAlias = dict[str, float | list[float]]  # per-model -> one float per model
@@ -76,6 +78,7 @@ class MethodSpec:
     max_models: int | None = None
     random: bool = False  # draws from the generator (dare_*, della*)
     constraints: tuple[Constraint, ...] = ()
+    uses_stats: bool = False  # takes `stats` (a DeltaStats): sparsifiers, whose edges can be precomputed
 
     def param(self, name: str) -> ParamSpec:
         """The ParamSpec called `name`; KeyError if this method has none."""
@@ -175,7 +178,8 @@ def register(
     def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if fn.__name__ in METHODS:
             raise ValueError(f"merge method {fn.__name__!r} is registered twice")
-        METHODS[fn.__name__] = MethodSpec(fn.__name__, fn, params, True, min_models, max_models, random, constraints)
+        uses_stats = "stats" in inspect.signature(fn).parameters
+        METHODS[fn.__name__] = MethodSpec(fn.__name__, fn, params, True, min_models, max_models, random, constraints, uses_stats)
         return fn
 
     return add
@@ -197,9 +201,15 @@ def merge_tensor(
     deltas: Tensor,
     params: Mapping[str, ParamValue],
     generator: torch.Generator | None = None,
+    *,
+    stats: DeltaStats | None = None,
 ) -> Tensor:
     """Merge one tensor. base: (*S) any float dtype; deltas: (E, *S) task vectors (source - base);
-    params: floats, or one value per model for per-model params. Returns (*S) fp32 full weights."""
+    params: floats, or one value per model for per-model params. Returns (*S) fp32 full weights.
+
+    stats: a `DeltaStats` built on these same deltas, kept by a caller that merges them many times
+    (it holds their sorted magnitudes, so sparsifying needs no selection); results are bit-identical
+    with or without it."""
     if deltas.dim() != base.dim() + 1 or deltas.shape[1:] != base.shape:
         raise MergeParamError(
             f"{spec.name}: deltas shape {tuple(deltas.shape)} does not fit base shape {tuple(base.shape)}; "
@@ -210,4 +220,8 @@ def merge_tensor(
         name: torch.tensor(value, dtype=torch.float32, device=deltas.device) if isinstance(value, list) else value
         for name, value in resolved.items()
     }
+    if spec.uses_stats:
+        if stats is not None and stats.deltas is not deltas:
+            raise ValueError(f"{spec.name}: stats were built for other task vectors; build one DeltaStats per deltas tensor")
+        kwargs["stats"] = stats
     return spec.fn(base, deltas, generator=generator, **kwargs)

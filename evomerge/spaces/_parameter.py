@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from pathlib import PurePath
 
-from evomerge.config import SearchSpaceConfig
+from evomerge.config import ParameterSpaceConfig
 from evomerge.errors import ConfigError
 from evomerge.layout import LayerGroups
 from evomerge.merge import MergeParamError, MethodSpec, ParamSpec, get_method
@@ -20,7 +20,7 @@ from evomerge.spaces._genes import Gene
 
 
 class ParameterSpace:
-    def __init__(self, cfg: SearchSpaceConfig, base: str, sources: list[str], n_layers: int, *, seed: int = 0) -> None:
+    def __init__(self, cfg: ParameterSpaceConfig, base: str, sources: list[str], n_layers: int, *, seed: int = 0) -> None:
         self.cfg, self.base, self.sources, self.seed = cfg, base, tuple(sources), seed
         self.labels = model_labels(sources)
         self.specs = {name: _method(name, len(sources)) for name in cfg.methods}
@@ -89,7 +89,7 @@ def _method(name: str, n_models: int) -> MethodSpec:
     return spec
 
 
-def _check_params(cfg: SearchSpaceConfig, specs: Mapping[str, MethodSpec]) -> dict[str, ParamSpec]:
+def _check_params(cfg: ParameterSpaceConfig, specs: Mapping[str, MethodSpec]) -> dict[str, ParamSpec]:
     """Every searched or fixed parameter must belong to a chosen method and stay inside its range."""
     known = {p.name: p for spec in specs.values() for p in spec.params}
     for section, names in (("params", cfg.params), ("fixed", cfg.fixed)):
