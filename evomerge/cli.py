@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=_cmd_merge)
 
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage (trials, notes, recipe artifacts)")
+    p.add_argument("--storage", required=True, help="Optuna storage URL")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 exposes it; it has no auth)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--artifacts", help="recipe artifact folder (default: next to a sqlite/journal file, or $EVOMERGE_ARTIFACTS)")
+    p.set_defaults(func=_cmd_dashboard)
+
     p = sub.add_parser("status", help="list studies, or the trials of one study")
     p.add_argument("study", nargs="?", help="study name (omit to list all studies)")
     p.add_argument("--storage", default="sqlite:///evomerge.db")
@@ -156,6 +163,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from evomerge.status import studies_table, trials_table
 
     print(trials_table(args.storage, args.study) if args.study else studies_table(args.storage))
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from evomerge.dashboard import run_dashboard
+
+    run_dashboard(args.storage, host=args.host, port=args.port, artifact_dir=args.artifacts)
     return 0
 
 

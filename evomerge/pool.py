@@ -9,6 +9,7 @@ memory is not blindly rerun.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -40,12 +41,12 @@ def start_ray(n_workers: int, cpus_per_worker: float) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        cpus = max(int(n_workers * cpus_per_worker), 1)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
+        cpus = max(math.ceil(n_workers * cpus_per_worker), 1)
         ray.init(num_cpus=cpus, object_store_memory=512 * 2**20, **kwargs)
 
 
@@ -79,23 +80,36 @@ class WorkerPool:
         )
         return remote.remote(setup)
 
-    def run(self, queue: deque[Job]) -> Iterator[tuple[Job, CandidateResult | JobFailure]]:
-        """Evaluate queued jobs on free actors; yields each job with its outcome as soon as it is done.
+    def run(self, next_job: Callable[[], Job | None]) -> Iterator[tuple[Job, CandidateResult | JobFailure]]:
+        """Keep every actor busy with jobs from `next_job()` (None: nothing to hand out right now);
+        yields each job with its outcome as soon as it is done.
 
-        The caller may append to `queue` while iterating (a retry, say): it is read lazily.
+        A freed actor gets its next job before the outcome is yielded, so the caller's bookkeeping (study
+        writes) overlaps with evaluation; `next_job` is asked again after the caller is done with an
+        outcome, so a retry the caller queued meanwhile is picked up.
         """
         import ray
 
         in_flight: dict[Any, tuple[Job, int]] = {}
         idle = list(range(len(self.actors)))[::-1]
-        while queue or in_flight:
-            while queue and idle:
-                slot, job = idle.pop(), queue.popleft()
+
+        def fill() -> None:
+            while idle:
+                job = next_job()
+                if job is None:
+                    return
+                slot = idle.pop()
                 in_flight[self.actors[slot].evaluate.remote(job.recipe, job.split)] = (job, slot)
+
+        fill()
+        while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             job, slot = in_flight.pop(done[0])
+            outcome = self._outcome(done[0], slot)
             idle.append(slot)
-            yield job, self._outcome(done[0], slot)
+            fill()
+            yield job, outcome
+            fill()
 
     def _outcome(self, ref: Any, slot: int) -> CandidateResult | JobFailure:
         import ray
@@ -117,6 +131,11 @@ class WorkerPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def from_queue(queue: deque[Job]) -> Callable[[], Job | None]:
+    """A `next_job` that hands out a queue's jobs in order."""
+    return lambda: queue.popleft() if queue else None
 
 
 def _first_line(exc: BaseException) -> str:

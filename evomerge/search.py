@@ -19,19 +19,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from evomerge.checkpoints import Checkpoint, check_mergeable
 from evomerge.config import StudyConfig
+from evomerge.dashboard import artifact_dir_for, upload_recipe_artifact, write_study_note
 from evomerge.errors import StudyError
 from evomerge.layout import num_layers
 from evomerge.config import OPTUNA_SAMPLERS
 from evomerge.optimize import Controller, loads, make_controller
-from evomerge.pool import Job, JobFailure, WorkerPool, start_ray
+from evomerge.pool import Job, JobFailure, WorkerPool, from_queue, start_ray
 from evomerge.scoring import TaskSpec, check_tasks
 from evomerge.spaces import SearchSpace, build_space, decode_unit
 from evomerge.study import MAX_ATTEMPTS, StudyStore, check_storage_url, fitness_of, study_names
+from evomerge.trial_models import materialize_trial_models
 from evomerge.worker import CandidateResult, CandidateWorker, WorkerSetup
 
 Progress = Callable[[str], None]
@@ -71,6 +74,7 @@ def prepare(cfg: StudyConfig, *, new_study: bool = True) -> Prepared:
             f"study {cfg.name!r} already exists in {cfg.storage}; pass --study NEW_NAME, "
             f"or continue it with `evomerge resume {cfg.name} --storage {cfg.storage}`"
         )
+    cfg = materialize_trial_models(cfg)  # PS+DFS: trials of other studies become local checkpoint folders
     base = Checkpoint.open(cfg.models.base, allow_pickle=cfg.models.allow_pickle)
     sources = [(s, Checkpoint.open(s, allow_pickle=cfg.models.allow_pickle)) for s in cfg.models.sources]
     check_mergeable(base, sources)
@@ -94,6 +98,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> SearchSummary:
     """Start a new study and search it to its budget."""
     cfg, space = prepared.cfg, prepared.space
     store = StudyStore.create(cfg, {g.name: g.default for g in space.genes})
+    write_study_note(store.study, cfg.to_yaml(), cfg.storage, cfg.name)
     controller = None
     if cfg.optimizer.kind not in OPTUNA_SAMPLERS:
         controller = make_controller(cfg.optimizer, np.array([g.to_unit(g.default) for g in space.genes]), cfg.workers.n)
@@ -149,6 +154,7 @@ class SearchRun:
         self.store, self.controller, self.pool, self.progress = store, controller, pool, progress
         self.distributions = {g.name: g.distribution() for g in self.space.genes}
         self.outcomes = store.candidate_outcomes()  # (generation, candidate) -> fitness | None
+        self.artifact_dir = _artifact_dir(self.cfg.storage, progress)
         self.summary = SearchSummary(study=self.cfg.name, storage=self.cfg.storage, budget=self.cfg.budget.trials)
         self._note_previous()
 
@@ -177,37 +183,37 @@ class SearchRun:
 
     def sampled(self) -> None:
         """Optuna samplers: a new trial whenever a worker frees up, until the budget is spent."""
-        queue: deque[Job] = deque()
-        start = len(self.outcomes)
-        next_index = start
-        while next_index < min(start + self.pool.size, self.cfg.budget.trials):
-            queue.append(self._job(0, next_index, None, attempt=0))
-            next_index += 1
-        for job, outcome in self.pool.run(queue):
+        retries: deque[tuple] = deque()
+        counter = iter(range(len(self.outcomes), self.cfg.budget.trials))
+
+        def next_job() -> Job | None:
+            if retries:
+                return self._job(*retries.popleft())
+            index = next(counter, None)
+            return None if index is None else self._job(0, index, None, attempt=0)
+
+        for job, outcome in self.pool.run(next_job):
             _, index, x, number = job.key
             if isinstance(outcome, JobFailure):
                 if self._failed(job, number, outcome):
-                    queue.append(self._job(0, index, x, attempt=job.attempt + 1))
+                    retries.append((0, index, x, job.attempt + 1))
             else:
                 self._completed(0, index, number, outcome)
-            if next_index < self.cfg.budget.trials and not queue:
-                queue.append(self._job(0, next_index, None, attempt=0))
-                next_index += 1
 
     def _run_generation(self, generation: int, xs: list[np.ndarray]) -> list[float | None]:
+        """Evaluate one generation; trials are created only as workers free up (lazily)."""
         fitness: list[float | None] = [None] * len(xs)
-        queue: deque[Job] = deque()
+        pending: deque[tuple] = deque()
         for index, x in enumerate(xs):
             if (generation, index) in self.outcomes:
                 fitness[index] = self.outcomes[(generation, index)]
-                continue
-            queue.append(self._job(generation, index, x, attempt=0))
-        for job, outcome in self.pool.run(queue):
+            else:
+                pending.append((generation, index, x, 0))
+        for job, outcome in self.pool.run(lambda: self._job(*pending.popleft()) if pending else None):
             (generation, index, x, number) = job.key
             if isinstance(outcome, JobFailure):
-                retry = self._failed(job, number, outcome)
-                if retry:
-                    queue.append(self._job(generation, index, x, attempt=job.attempt + 1))
+                if self._failed(job, number, outcome):
+                    pending.append((generation, index, x, job.attempt + 1))
                 continue
             fitness[index] = outcome.fitness
             self._completed(generation, index, number, outcome)
@@ -221,6 +227,8 @@ class SearchRun:
         number, values = self.store.start_trial(values, self.distributions, attrs)
         recipe = self.space.decode(values)
         self.store.set_recipe(number, recipe.to_dict())
+        if self.artifact_dir is not None:  # while RUNNING: Optuna refuses artifacts on finished trials
+            upload_recipe_artifact(self.store.study, number, recipe.to_yaml(), self.artifact_dir)
         return Job(key=(generation, index, values if x is None else x, number), recipe=recipe, attempt=attempt)
 
     def _failed(self, job: Job, number: int, failure: JobFailure) -> bool:
@@ -270,7 +278,7 @@ class SearchRun:
             return
         self.progress(f"held-out: scoring the best {len(top)} trials")
         queue = deque(Job(key=t.number, recipe=StudyStore.recipe_of(t), split="heldout") for t in top)
-        for job, outcome in self.pool.run(queue):
+        for job, outcome in self.pool.run(from_queue(queue)):
             if isinstance(outcome, JobFailure):
                 self.progress(f"held-out: trial {job.key} failed: {outcome.reason}")
                 continue
@@ -279,6 +287,17 @@ class SearchRun:
                 self.summary.best_heldout = outcome.fitness
             tasks = " ".join(f"{k}={v:.3f}" for k, v in outcome.scores.items())
             self.progress(f"held-out: trial {job.key}: {outcome.fitness:.4f} ({tasks})")
+
+
+def _artifact_dir(storage: str, progress: Progress) -> Path | None:
+    """Where recipe artifacts go; None (with a note) for a database study without a configured folder."""
+    try:
+        folder = artifact_dir_for(storage)
+    except StudyError as exc:
+        progress(f"note: recipes are not uploaded as dashboard artifacts: {exc}")
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _result_attrs(result: CandidateResult) -> dict:
