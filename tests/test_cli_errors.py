@@ -29,6 +29,7 @@ def edit(path: Path, change) -> Path:
 
 
 def refused(config: Path, capsys, expected: str) -> None:
+    capsys.readouterr()  # drop what building the fixtures printed
     assert main(["search", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err

@@ -108,9 +108,5 @@ def _check_params(cfg: ParameterSpaceConfig, specs: Mapping[str, MethodSpec]) ->
 
 
 def _check_in_range(where: str, value: float, p: ParamSpec) -> None:
-    too_low = value < p.low or (value == p.low and not p.low_inclusive)
-    too_high = value > p.high or (value == p.high and not p.high_inclusive)
-    if too_low or too_high:
-        lo, hi = "[" if p.low_inclusive else "(", "]" if p.high_inclusive else ")"
-        fix = f"set it {'>=' if p.low_inclusive else '>'} {p.low}" if too_low else f"set it {'<=' if p.high_inclusive else '<'} {p.high}"
-        raise ConfigError(f"config error: {where} = {value}; {p.name} must be in {lo}{p.low}, {p.high}{hi}; {fix}")
+    if not p.contains(value):
+        raise ConfigError(f"config error: {where} = {value}; {p.name} must be in {p.interval()}; {p.fix(value)}")
