@@ -1,0 +1,261 @@
+"""Score a live (in-memory) model with lm-eval tasks, building the task objects once per worker.
+
+Each candidate is a new set of weights written into the same model object, so nothing here caches
+results: every score() call re-runs every request (lm-eval's response cache keys on requests, not
+weights, so it is never enabled). What is reused is only what does not depend on the weights: the
+task index, the task objects with their datasets, and the HFLM wrapper around the model.
+
+Split override: lm-eval 0.4.13 treats a bare dict spec `{"task": "zoo_arith", "test_split": ...}` as
+a brand-new inline task (the registered YAML is not merged in), but applies per-task overrides given
+inside a group's task list. So each TaskSpec is loaded as a one-member wrapper group per split.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # lm_eval is a heavy import (seconds): keep it off the CLI/config fast paths
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Split = Literal["fitness", "heldout"]
+SPLITS: tuple[Split, ...] = ("fitness", "heldout")
+_FEWSHOT_SEED = 1234  # lm-eval's default fewshot seed; re-applied every call so few-shot contexts never drift
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # lm-eval task (or group) name
+    metric: str = "acc"  # key in lm-eval results, without the ",none" filter suffix
+    weight: float = 1.0
+    num_fewshot: int | None = None
+    limit: int | None = None  # max examples scored per split (None = all)
+    fitness_split: str = "fitness"  # split used during search
+    heldout_split: str = "heldout"  # split reported for the best candidates
+
+    def __post_init__(self) -> None:
+        where = f"task {self.name!r}"
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"{where}: weight = {self.weight}; weights must be finite and >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"{where}: limit = {self.limit}; set limit >= 1, or None for all examples")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"{where}: num_fewshot = {self.num_fewshot}; set num_fewshot >= 0, or None for the task's default")
+
+    def split(self, which: Split) -> str:
+        return self.fitness_split if which == "fitness" else self.heldout_split
+
+
+class UnknownTaskError(ValueError):
+    """A task name that no include path and no lm-eval default registers."""
+
+
+def check_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[Path]) -> None:
+    """Raise UnknownTaskError if a task name is not registered (in include_paths, or lm-eval's defaults).
+
+    lm-eval's defaults (~14.7k tasks, ~4 s to index) are indexed only if include_paths lack a name.
+    """
+    _task_manager([t.name for t in tasks], include_paths)
+
+
+def _task_manager(names: Sequence[str], include_paths: Sequence[Path]) -> TaskManager:
+    """The cheapest TaskManager that knows every name: include_paths alone if it can, else with defaults."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(Path(p)) for p in include_paths]
+    not_dirs = [p for p in paths if not Path(p).is_dir()]
+    if not_dirs:
+        raise UnknownTaskError(f"task include path {not_dirs[0]!r} is not a directory; fix the path or remove it")
+    with _lm_eval_log_level(logging.ERROR):  # the index build warns about unrelated YAMLs it skips
+        manager = TaskManager(include_path=paths or None, include_defaults=False)
+        if any(name not in manager.all_tasks for name in names):
+            manager = TaskManager(include_path=paths or None, include_defaults=True)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise UnknownTaskError(_unknown_message(unknown[0], manager.all_tasks, paths))
+    return manager
+
+
+def _unknown_message(name: str, known: Sequence[str], paths: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+    where = f"lm-eval's built-in tasks and YAML files under {', '.join(paths)}" if paths else "lm-eval's built-in tasks"
+    return f"unknown lm-eval task {name!r}{hint}; looked in {where}"
+
+
+@contextmanager
+def _lm_eval_log_level(level: int) -> Iterator[None]:
+    logger = logging.getLogger("lm_eval")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@contextmanager
+def _no_request_progress_bars() -> Iterator[None]:
+    """lm-eval's Task.build_all_requests draws a tqdm bar on every call with no switch to turn it off;
+    a worker scoring thousands of candidates would print thousands. Swap it for a disabled bar."""
+    import lm_eval.api.task as task_module
+    from tqdm import tqdm
+
+    task_module.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = tqdm
+
+
+class LmEvalScorer:
+    """Built once per worker: the TaskManager (lm-eval defaults only if needed) and the task objects per
+    split; HFLM is built lazily around the live model the first time score() is called with it."""
+
+    def __init__(
+        self, tasks: Sequence[TaskSpec], include_paths: Sequence[Path], *, batch_size: int = 64, device: str = "cpu"
+    ) -> None:
+        self.specs = tuple(tasks)
+        _check_specs(self.specs)
+        self.batch_size = batch_size
+        self.device = device
+        manager = _task_manager([t.name for t in self.specs], include_paths)
+        with _lm_eval_log_level(logging.ERROR):  # per-task "custom kwargs"/"no generation_kwargs" chatter
+            self._splits = {split: _load_split(manager, self.specs, split) for split in SPLITS}
+        self._lm: Any = None  # HFLM around the model last scored
+
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split) -> dict[str, float]:
+        """task name -> metric value on that split, computed afresh from the model's current weights."""
+        from lm_eval.evaluator import evaluate
+
+        if split not in SPLITS:
+            raise ValueError(f"split = {split!r}; allowed: {', '.join(SPLITS)}")
+        lm = self._hflm(model, tokenizer)
+        tasks = self._splits[split]
+        for task in tasks.task_dict["tasks"].values():
+            task.set_fewshot_seed(seed=_FEWSHOT_SEED)
+        with _lm_eval_log_level(logging.WARNING), _no_request_progress_bars():
+            results = evaluate(
+                lm=lm, task_dict=tasks.task_dict, samples=self._samples(tasks), bootstrap_iters=0, log_samples=False
+            )
+        return {spec.name: _metric(results["results"], spec, split) for spec in self.specs}
+
+    def fitness(self, scores: Mapping[str, float]) -> float:
+        """Weighted mean of the task scores by TaskSpec.weight."""
+        missing = [s.name for s in self.specs if s.name not in scores]
+        if missing:
+            raise KeyError(f"scores lack task(s) {', '.join(missing)}; got {', '.join(scores) or 'none'}")
+        total = sum(s.weight for s in self.specs)
+        return sum(s.weight * scores[s.name] for s in self.specs) / total
+
+    def _hflm(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Any:
+        """Reuse the HFLM while the model and tokenizer objects are the same (their weights may change)."""
+        import torch
+
+        if model.device.type != torch.device(self.device).type:
+            raise ValueError(f"model is on {model.device}, scorer was built for device {self.device!r}; "
+                             f"move the model (model.to({self.device!r})) or build the scorer with device={model.device.type!r}")
+        if self._lm is None or self._lm.model is not model or self._lm.tokenizer is not tokenizer:
+            with _lm_eval_log_level(logging.ERROR):  # "pretrained is not a str" warning: intended here
+                self._lm = _quiet_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        model.eval()
+        return self._lm
+
+    def _samples(self, tasks: _SplitTasks) -> dict[str, list[int]]:
+        """Per-task limits as lm-eval `samples` (the first `limit` doc indices): evaluate() has one global limit."""
+        return {
+            task.task_name: list(range(min(spec.limit, len(task.eval_docs))))
+            for spec in self.specs
+            if spec.limit is not None
+            for task in tasks.leaves[spec.name]
+        }
+
+
+def _check_specs(specs: Sequence[TaskSpec]) -> None:
+    if not specs:
+        raise ValueError("no tasks to score; give at least one TaskSpec")
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"task(s) {', '.join(dupes)} listed more than once; list each task once (combine weights)")
+    if sum(s.weight for s in specs) <= 0:
+        raise ValueError("all task weights are 0; give at least one task a weight > 0")
+
+
+@dataclass(frozen=True)
+class _SplitTasks:
+    task_dict: dict[str, Any]  # lm-eval TaskDict: tasks, groups, group_map
+    leaves: dict[str, list[Any]]  # spec name -> its leaf Task objects
+
+
+def _load_split(manager: TaskManager, specs: Sequence[TaskSpec], split: Split) -> _SplitTasks:
+    """The task objects of one split; each spec is a one-member wrapper group carrying its overrides."""
+    tasks: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    leaves: dict[str, list[Any]] = {}
+    for spec in specs:
+        if spec.name in manager.all_tags:  # lm-eval would apply the overrides to a tag's tasks wrongly
+            members = sorted(manager.task_index[spec.name].tags)
+            raise ValueError(f"{spec.name!r} is an lm-eval tag, not a task or group; list its tasks instead: {', '.join(members)}")
+        kind = "group" if spec.name in manager.all_groups else "task"
+        member: dict[str, Any] = {kind: spec.name, "test_split": spec.split(split)}
+        if spec.num_fewshot is not None:
+            member["num_fewshot"] = spec.num_fewshot
+        try:
+            loaded = manager.load([{"group": f"evomerge_{split}::{spec.name}", "task": [member]}])
+        except KeyError as err:  # lm-eval indexes dataset[split] while building the task
+            raise ValueError(_missing_split_message(manager, spec, split, err)) from err
+        tasks.update(loaded["tasks"])
+        groups.update(loaded["groups"])
+        leaves[spec.name] = list(loaded["tasks"].values())
+    group_map = {g.name: g.child_names for g in groups.values()}
+    return _SplitTasks({"tasks": tasks, "groups": groups, "group_map": group_map}, leaves)
+
+
+def _missing_split_message(manager: TaskManager, spec: TaskSpec, split: Split, err: KeyError) -> str:
+    field = "fitness_split" if split == "fitness" else "heldout_split"
+    try:  # the task as its YAML defines it, to list the splits its dataset has
+        tasks = manager.load([spec.name])["tasks"].values()
+        have = sorted({str(s) for task in tasks for s in (getattr(task, "dataset", None) or [])})
+    except Exception:  # noqa: BLE001 - only for the message; the original error is chained
+        have = []
+    listed = f" (splits: {', '.join(have)})" if have else ""
+    return (f"task {spec.name!r} has no split {spec.split(split)!r}{listed}; set {field} to one of its splits "
+            f"(lm-eval: KeyError {err})")
+
+
+def _metric(results: Mapping[str, Mapping[str, Any]], spec: TaskSpec, split: Split) -> float:
+    key = spec.metric if "," in spec.metric else f"{spec.metric},none"
+    row = results.get(spec.name, {})
+    if key not in row:
+        have = sorted(k.removesuffix(",none") for k, v in row.items() if isinstance(v, (int, float)) and "_stderr" not in k)
+        raise ValueError(f"task {spec.name!r} reports no metric {spec.metric!r} on split {spec.split(split)!r} "
+                         f"(metrics: {', '.join(have) or 'none'}); set metric to one of them")
+    return float(row[key])
+
+
+@functools.cache
+def _quiet_hflm_class() -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        """HFLM without per-call progress bars (evaluate() gives it no way to ask)."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM

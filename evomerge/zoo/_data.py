@@ -1,0 +1,132 @@
+"""Deterministic data for the zoo: the skills, generic text-like lines, and the eval splits.
+
+Every example is one line `prompt + answer + "\\n"`; the "\\n" ends the answer, so exact match by
+loglikelihood (lm-eval's `acc` = is_greedy) also checks that the model stops. Eval prompts are drawn
+from a fixed seed that does not depend on the zoo seed, and training never sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+END = "\n"  # end-of-answer marker, part of every target
+EVAL_SPLITS = ("fitness", "heldout")
+N_EVAL_PER_SPLIT = 200
+_EVAL_SEED = 20240917  # fixed forever: the committed JSONL files depend on it
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # e.g. "12+34="
+    target: str  # e.g. "46\n" (answer + END)
+
+    @property
+    def line(self) -> str:
+        return self.prompt + self.target
+
+
+def _arith(rng: random.Random) -> Example:
+    """2-digit addition: `12+34=46`."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return Example(f"{a}+{b}=", f"{a + b}{END}")
+
+
+def _rev(rng: random.Random) -> Example:
+    """Reverse a short lowercase string: `abc>cba`."""
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    return Example(f"{word}>", f"{word[::-1]}{END}")
+
+
+SKILLS: dict[str, Callable[[random.Random], Example]] = {"arith": _arith, "rev": _rev}
+
+
+def _word_list(n_words: int = 400) -> list[str]:
+    """A fixed pseudo-English lexicon of 1-3 syllable words (consonant-vowel(-consonant))."""
+    rng = random.Random(_EVAL_SEED + 1)
+    cons, vows = "bcdfghklmnprstvwz", "aeiou"
+    words: set[str] = set()
+    while len(words) < n_words:
+        n_syll = rng.choice((1, 1, 2, 2, 2, 3))
+        words.add("".join(rng.choice(cons) + rng.choice(vows) + rng.choice(("", "", "n", "s", "r")) for _ in range(n_syll)))
+    return sorted(words)
+
+
+_WORDS = _word_list()
+
+
+def text_line(rng: random.Random, max_chars: int = 13) -> str:
+    """A generic text-like line: a few lexicon words, a period, END (at most max_chars + 1 chars)."""
+    words = [rng.choice(_WORDS)]
+    while rng.random() < 0.8:
+        nxt = rng.choice(_WORDS)
+        if len(" ".join(words)) + 1 + len(nxt) + 1 > max_chars:
+            break
+        words.append(nxt)
+    return " ".join(words) + "." + END
+
+
+def _eval_rng(skill: str) -> random.Random:
+    return random.Random(zlib.crc32(f"eval/{skill}/0".encode()) + _EVAL_SEED)  # same seed as the committed files
+
+
+def eval_examples(skill: str) -> dict[str, list[Example]]:
+    """split name -> N_EVAL_PER_SPLIT examples with distinct prompts, disjoint across splits."""
+    if skill not in SKILLS:
+        raise ValueError(f"unknown zoo skill {skill!r}; known skills: {', '.join(SKILLS)}")
+    rng, seen, drawn = _eval_rng(skill), set(), []
+    while len(drawn) < N_EVAL_PER_SPLIT * len(EVAL_SPLITS):
+        ex = SKILLS[skill](rng)
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            drawn.append(ex)
+    return {split: drawn[i * N_EVAL_PER_SPLIT : (i + 1) * N_EVAL_PER_SPLIT] for i, split in enumerate(EVAL_SPLITS)}
+
+
+def eval_prompts(skill: str) -> frozenset[str]:
+    """Every eval prompt of a skill (all splits): training data must avoid them."""
+    return frozenset(ex.prompt for split in eval_examples(skill).values() for ex in split)
+
+
+def jsonl_text(examples: list[Example]) -> str:
+    return "".join(json.dumps({"prompt": ex.prompt, "target": ex.target}) + "\n" for ex in examples)
+
+
+def write_eval_data(out_dir: Path) -> list[Path]:
+    """Write `<out_dir>/<skill>_<split>.jsonl` for every skill and split; returns the paths written.
+
+    The committed files in evaluators/zoo/data/ come from `write_eval_data(Path("evaluators/zoo/data"))`.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for skill in SKILLS:
+        for split, examples in eval_examples(skill).items():
+            path = out_dir / f"{skill}_{split}.jsonl"
+            path.write_text(jsonl_text(examples), encoding="utf-8")
+            paths.append(path)
+    return paths
+
+
+def training_examples(mix: Mapping[str, float], seed: int) -> Iterator[Example]:
+    """An endless, deterministic stream of training examples drawn from `mix` (source name -> weight;
+    sources are the skills and "text", whose examples have an empty prompt). Skill examples whose
+    prompt is an eval prompt are skipped."""
+    unknown = set(mix) - set(SKILLS) - {"text"}
+    if unknown:
+        raise ValueError(f"unknown data sources {sorted(unknown)}; known: text, {', '.join(SKILLS)}")
+    names, weights = list(mix), list(mix.values())
+    rng = random.Random(seed)
+    held_out = {skill: eval_prompts(skill) for skill in names if skill in SKILLS}
+    while True:
+        source = rng.choices(names, weights)[0]
+        if source == "text":
+            yield Example("", text_line(rng))
+            continue
+        ex = SKILLS[source](rng)
+        if ex.prompt not in held_out[source]:
+            yield ex
