@@ -128,7 +128,8 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def read_safetensors_index(file: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
-    """name -> (dtype name, shape, absolute byte range) from a safetensors header, in file order."""
+    """name -> (dtype name, shape, absolute byte range) from a safetensors header, names sorted (as
+    safetensors' own `keys()` lists them)."""
     with open(file, "rb") as handle:
         head = handle.read(8)
         size = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -141,11 +142,14 @@ def read_safetensors_index(file: Path) -> dict[str, tuple[str, tuple[int, ...], 
         raise ModelError(f"{file}: not a safetensors file (its header does not parse); re-save or re-download it")
     start = 8 + size
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        out[name] = (info["dtype"], tuple(info["shape"]), (start + begin, start + end))
+    try:
+        for name in sorted(header):
+            if name != "__metadata__":
+                info = header[name]
+                begin, end = info["data_offsets"]
+                out[name] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]), (start + int(begin), start + int(end)))
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{file}: tensor {name!r} has a malformed safetensors header entry; re-save or re-download it") from None
     return out
 
 

@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--pareto", action="store_true",
+                   help="list the Pareto front (multi-objective studies) and export each trial to OUT/trial-N")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("merge", help="apply a recipe YAML file and write the merged checkpoint")
@@ -138,8 +140,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from evomerge.study import StudyStore
 
     check_out_dir(args.out, args.force)
-    result = export_trial(StudyStore.open(args.storage, args.study), args.trial, args.out, force=args.force)
-    print(f"exported trial {result.trial} to {result.out} ({len(result.files)} weight file(s), recipe.yaml, README.md)")
+    store = StudyStore.open(args.storage, args.study)
+    numbers = [t.number for t in store.pareto_front()] if args.pareto else [args.trial]
+    for number in numbers:
+        out = args.out / f"trial-{number}" if args.pareto else args.out
+        result = export_trial(store, number, out, force=args.force)
+        scores = store.trial(result.trial).user_attrs.get("scores.fitness", {})
+        shown = " ".join(f"{k}={v:.3f}" for k, v in scores.items())
+        print(f"exported trial {result.trial} ({shown}) to {result.out} ({len(result.files)} weight file(s), recipe.yaml, README.md)")
     return 0
 
 

@@ -38,12 +38,55 @@ class Bound(_Strict):
         return self
 
 
+class TrialRef(_Strict):
+    """A trial of another evomerge study used as a model (PS+DFS: chain a merge study into a path study).
+
+    Written as a mapping, `{study: NAME, storage: URL, trial: N}`, never as one string: a storage URL holds
+    ':' and '/', which a string reference would confuse with a Hub id or a path. `storage` means what the
+    study's own `storage:` means (a relative sqlite path is relative to the working directory). Before
+    a search starts, the trial is written once as a checkpoint in a cache folder (evomerge.trial_models).
+    """
+
+    study: str
+    storage: str
+    trial: int | None = Field(None, ge=0, description="trial number; omitted = the best completed trial")
+
+
+ModelRef = str | TrialRef
+
+
 class ModelsConfig(_Strict):
-    base: str = Field(description="base model: a local HF checkpoint dir or a Hub id 'org/name[@rev]'")
-    sources: list[str] = Field(min_length=1, description="fine-tuned models merged onto the base")
+    base: ModelRef = Field(description="base model: a local HF checkpoint dir, a Hub id 'org/name[@rev]', or a trial reference")
+    sources: list[ModelRef] = Field(min_length=1, description="fine-tuned models merged onto the base")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     allow_pickle: bool = False  # read pytorch_model.bin (pickle) checkpoints only when this is set
     trust_remote_code: bool = False
+
+    @field_validator("base", "sources", mode="before")
+    @classmethod
+    def _trial_refs(cls, value: Any) -> Any:
+        """Check mappings as trial references here, so a typo gets a message that names the fix."""
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, dict):
+                where = f"item {i}: " if isinstance(value, list) else ""
+                _check_trial_ref(item, where)
+        return value
+
+
+def _check_trial_ref(item: dict, where: str) -> None:
+    form = "write {study: NAME, storage: URL, trial: N} (trial omitted = the best trial)"
+    unknown = [k for k in item if k not in TrialRef.model_fields]
+    if unknown:
+        hint = difflib.get_close_matches(str(unknown[0]), list(TrialRef.model_fields), n=1)
+        fix = f"did you mean: {hint[0]}?" if hint else "allowed: study, storage, trial"
+        raise ValueError(f"{where}unknown key {unknown[0]!r} in a trial reference ({fix}); {form}")
+    try:
+        TrialRef.model_validate(item)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        got = "" if err["type"] == "missing" else f" = {err.get('input')!r}"
+        raise ValueError(f"{where}trial reference {key}{got}: {err['msg'].lower()}; {form}") from None
 
 
 class ParameterSpaceConfig(_Strict):

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 
 from evomerge.build import stream_merge
 from evomerge.checkpoints import Checkpoint, write_checkpoint
 from evomerge.errors import ConfigError
+from evomerge.path_recipe import PathRecipe
 from evomerge.recipe import Recipe
 from evomerge.study import StudyStore, fitness_of
 
@@ -46,25 +49,26 @@ def export_trial(store: StudyStore, number: int | None, out: Path, *, force: boo
     return Exported(out=out, trial=trial.number, files=files)
 
 
-def write_recipe_checkpoint(recipe: Recipe, out: Path, *, card: str, allow_pickle: bool = False) -> list[Path]:
-    """Merge `recipe` into a new checkpoint folder `out` (replaced atomically if it exists)."""
-    base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
-    config = dict(base.config)
-    tensors = stream_merge(recipe, allow_pickle=allow_pickle)
-    if recipe.dtype in _DTYPE_NAMES:
-        import torch
+def write_recipe_checkpoint(recipe: Recipe | PathRecipe, out: Path, *, card: str, allow_pickle: bool = False) -> list[Path]:
+    """Merge `recipe` (or lay out a path recipe's layers) into a new checkpoint folder `out`, replaced atomically."""
+    plan, extra_files = None, {}
+    if isinstance(recipe, PathRecipe):
+        from evomerge.path_export import path_checkpoint
 
-        dtype = getattr(torch, recipe.dtype)
-        tensors = ((n, t.to(dtype)) for n, t in tensors)
-        config["dtype"] = config["torch_dtype"] = recipe.dtype
+        parts = path_checkpoint(recipe, allow_pickle=allow_pickle)
+        config, tensors, side_from, plan, extra_files = parts.config, parts.tensors, parts.side_files_from, parts.plan, parts.extra_files
+    else:
+        config, tensors, side_from = _merged_parts(recipe, allow_pickle)
     out = out.resolve()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        files = write_checkpoint(tensors, tmp, config=config, side_files_from=base.path)
+        files = write_checkpoint(tensors, tmp, config=config, side_files_from=side_from, plan=plan)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(card)
+        for name, text in extra_files.items():  # a path's mergekit.yaml when all its scales are 1
+            (tmp / name).write_text(text)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -74,19 +78,31 @@ def write_recipe_checkpoint(recipe: Recipe, out: Path, *, card: str, allow_pickl
     return [out / f.name for f in files]
 
 
-def model_card(recipe: Recipe, study: str, trial: optuna.trial.FrozenTrial, heldout: dict | None) -> str:
+def _merged_parts(recipe: Recipe, allow_pickle: bool) -> tuple[dict, Iterator[tuple[str, Any]], Path]:
+    base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
+    config = dict(base.config)
+    tensors = stream_merge(recipe, allow_pickle=allow_pickle)
+    if recipe.dtype in _DTYPE_NAMES:
+        import torch
+
+        dtype = getattr(torch, recipe.dtype)
+        tensors = ((n, t.to(dtype)) for n, t in tensors)
+        config["dtype"] = config["torch_dtype"] = recipe.dtype
+    return config, tensors, base.path
+
+
+def model_card(recipe: Recipe | PathRecipe, study: str, trial: optuna.trial.FrozenTrial, heldout: dict | None) -> str:
     fitness = trial.user_attrs.get("scores.fitness", {})
     rows = [f"| {task} | {score:.4f} | {_heldout_cell(heldout, task)} |" for task, score in fitness.items()]
     return "\n".join([
         "---",
         "library_name: transformers",
         "tags: [merge, evomerge]",
-        f"base_model: {recipe.base}",
+        f"base_model: {_card_base(recipe)}",
         "---",
         f"# Merged model: study `{study}`, trial {trial.number}",
         "",
-        f"Built by evomerge with `{recipe.method}` from base `{recipe.base}` and sources:",
-        *[f"- `{s}`" for s in recipe.sources],
+        *_card_description(recipe),
         "",
         f"Fitness (weighted mean over tasks, fitness split): **{fitness_of(trial):.4f}**"
         + (f"; held-out: **{heldout['fitness']:.4f}**" if heldout else ""),
@@ -104,6 +120,18 @@ def model_card(recipe: Recipe, study: str, trial: optuna.trial.FrozenTrial, held
         "Rebuild it with `evomerge merge recipe.yaml --out DIR`.",
         "",
     ])
+
+
+def _card_base(recipe: Recipe | PathRecipe) -> str:
+    return recipe.models[recipe.embed_from] if isinstance(recipe, PathRecipe) else recipe.base
+
+
+def _card_description(recipe: Recipe | PathRecipe) -> list[str]:
+    if isinstance(recipe, PathRecipe):
+        from evomerge.path_export import path_card_lines
+
+        return path_card_lines(recipe)
+    return [f"Built by evomerge with `{recipe.method}` from base `{recipe.base}` and sources:", *[f"- `{s}`" for s in recipe.sources]]
 
 
 def _heldout_cell(heldout: dict | None, task: str) -> str:

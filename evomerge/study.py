@@ -23,6 +23,7 @@ import optuna
 
 from evomerge.config import StudyConfig, parse_config
 from evomerge.errors import StudyError
+from evomerge.path_recipe import PathRecipe, recipe_from_dict
 from evomerge.recipe import Recipe
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -230,8 +231,8 @@ class StudyStore:
         return trials[0]
 
     @staticmethod
-    def recipe_of(trial: optuna.trial.FrozenTrial) -> Recipe:
+    def recipe_of(trial: optuna.trial.FrozenTrial) -> Recipe | PathRecipe:
         data = trial.user_attrs.get("recipe")
         if data is None:
             raise StudyError(f"trial {trial.number} has no recipe (state {trial.state.name})")
-        return Recipe.from_dict(json.loads(data) if isinstance(data, str) else data)
+        return recipe_from_dict(json.loads(data) if isinstance(data, str) else data)

@@ -17,6 +17,8 @@ import torch
 from evomerge.build import check_recipe, group_map, merge_named, task_vectors
 from evomerge.checkpoints import Checkpoint, check_mergeable
 from evomerge.errors import ModelError
+from evomerge.path_model import PathModels
+from evomerge.path_recipe import PathRecipe
 from evomerge.recipe import Recipe
 from evomerge.scoring import LmEvalScorer, TaskSpec
 
@@ -66,6 +68,10 @@ class CandidateWorker:
         self.deltas = {n: task_vectors(self.base.tensor(n), [s.tensor(n) for s in sources]).to(self.device) for n in self.base.names}
         self.scorer = LmEvalScorer(setup.tasks, [os.fspath(p) for p in setup.include_paths], batch_size=setup.batch_size, device=str(self.device))
         self._group_maps: dict[int, dict[str, int]] = {}
+        # Data-flow candidates: models a path names load on first use; one path-model shell is reused.
+        self.paths = PathModels(self.device, _DTYPES.get(setup.dtype, "auto"), allow_pickle=setup.allow_pickle,
+                                trust_remote_code=setup.trust_remote_code)
+        self._path_model: tuple[torch.nn.Module, object] | None = None
         self.name = f"{os.uname().nodename}:{os.getpid()}"
         self.startup_s = time.perf_counter() - started
 
@@ -73,9 +79,13 @@ class CandidateWorker:
         return {"worker": self.name, "device": str(self.device), "startup_s": self.startup_s}
 
     @torch.no_grad()
-    def build(self, recipe: Recipe) -> float:
-        """Write the recipe's merged weights into the live model; returns seconds spent."""
+    def build(self, recipe: Recipe | PathRecipe) -> float:
+        """Write the recipe's merged weights into the live model (or point the path model at a path's
+        layers); returns seconds spent."""
         started = time.perf_counter()
+        if isinstance(recipe, PathRecipe):
+            self._path_model = self.paths.build(recipe), self.paths.tokenizer(recipe)
+            return time.perf_counter() - started
         spec = check_recipe(recipe)
         groups = self._group_maps.get(recipe.n_groups) or self._group_maps.setdefault(recipe.n_groups, group_map(recipe, self.base))
         for name, target in self.live.items():
@@ -86,13 +96,14 @@ class CandidateWorker:
         _sync(self.device)
         return time.perf_counter() - started
 
-    def evaluate(self, recipe: Recipe, split: str = "fitness") -> CandidateResult:
+    def evaluate(self, recipe: Recipe | PathRecipe, split: str = "fitness") -> CandidateResult:
         """Build the candidate and score it on one split ("fitness" during search, "heldout" to report)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         merge_s = self.build(recipe)
+        model, tokenizer = self._path_model if isinstance(recipe, PathRecipe) else (self.model, self.tokenizer)
         started = time.perf_counter()
-        scores = self.scorer.score(self.model, self.tokenizer, split)
+        scores = self.scorer.score(model, tokenizer, split)
         eval_s = time.perf_counter() - started
         return CandidateResult(
             scores=scores,

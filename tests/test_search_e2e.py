@@ -52,3 +52,22 @@ def test_search_then_export_rescored_exactly(zoo_llama, tmp_path: Path, capsys) 
     assert "e2e" in capsys.readouterr().out
     assert main(["status", "--storage", url, "e2e"]) == 0
     assert "COMPLETE" in capsys.readouterr().out
+
+
+def test_optuna_sampler_multi_objective_and_pareto_export(zoo_llama, tmp_path: Path, capsys) -> None:
+    """TPE proposes trials asynchronously (no generations); each task is an objective."""
+    config = zoo_config(zoo_llama, tmp_path, name="mo", trials=5, limit=20,
+                        optimizer__kind="tpe", optimizer__objectives="per_task", optimizer__popsize=None)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["search", str(config)]) == 0
+    store = StudyStore.open(url, "mo")
+    assert len(store.study.directions) == 2
+    done = store.completed()
+    assert len(done) == 5 and all(len(t.values) == 2 for t in done)
+    assert {t.user_attrs["candidate"] for t in done} == set(range(5))
+    front = store.pareto_front()
+    capsys.readouterr()
+    assert main(["export", "mo", "--storage", url, "--out", str(tmp_path / "front"), "--pareto"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("exported trial") == len(front) >= 1
+    assert all((tmp_path / "front" / f"trial-{t.number}" / "model.safetensors").is_file() for t in front)

@@ -39,12 +39,13 @@ from torch import Tensor
 from evomerge.merge._registry import ParamSpec, Resolved, register
 from evomerge.merge._sparsify import (
     DeltaStats,
-    middle_magnitude_mask,
+    Keep,
+    middle_magnitude_keep,
     per_model,
-    random_mask,
-    rank_sampled_mask,
+    random_keep,
+    rank_sampled_keep,
     rescale_l1,
-    top_magnitude_mask,
+    top_magnitude_keep,
 )
 
 WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True)
@@ -57,7 +58,11 @@ SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this is colinear, so slerp
 SLERP_NORM_EPS = 1e-8  # mergekit: norms at or below this count as 1
 STOCK_NORM_EPS = 1e-6  # mergekit model_stock: floor of |d_i| * |d_j| in the cosine
 STOCK_SINGULAR = 1e-6  # mergekit model_stock: |1 + (N-1) cos| below this keeps the base
-MIX_CHUNK = 1 << 16  # entries per step of _mix: its (E, chunk) temporaries stay in cache, not in RSS
+# Entries (all models together) per CPU step of _mix: the (E, chunk) temporaries stay in cache, and
+# below torch's intra-op grain (32768) each op runs on one thread: no per-op thread barrier, which on a
+# busy 2-core machine cost 4x (measured). On a GPU, kernel launches cost more than memory: large steps.
+MIX_CHUNK = (1 << 15) - 1
+MIX_CHUNK_ACCELERATOR = 1 << 24
 
 
 def _mix(
@@ -68,14 +73,16 @@ def _mix(
     elect_sign: bool,
     normalize: bool,
     lambda_: float,
-    mask: Tensor | None = None,
+    keeps: list[Keep | None] | None = None,
     scale: Tensor | None = None,
 ) -> Tensor:
     """base + lambda_ * (weighted, optionally sign-elected, optionally normalized) sum of the kept deltas
-    d_e * mask_e * scale_e (mask (E, N) bool over flat entries, scale (E,)), in fp32.
+    keep_e(d_e) * scale_e (keeps: one per model, None keeps all; scale (E,)), in fp32.
 
-    Every step is per entry, so it runs over chunks of MIX_CHUNK entries: the working tensors are
-    (E, chunk), and memory beyond the inputs is the output alone.
+    Every step after sparsifying is per entry, so it runs over chunks of entries: the working
+    tensors are (E, chunk) and stay in cache, and memory beyond the inputs is the output alone. The
+    chunk steps are float arithmetic only (bool tensors cost several times more per entry on the CPU);
+    each equals mergekit's formula exactly, as noted.
     """
     n_models = len(deltas)
     flat, base_flat = deltas.reshape(n_models, -1), base.reshape(-1)
@@ -83,19 +90,17 @@ def _mix(
     w = weight.to(device=deltas.device, dtype=torch.float32).view(n_models, 1)
     s = None if scale is None else scale.to(w).view(n_models, 1)
     plain_divisor = torch.where(w.sum(0).abs() < 1e-8, torch.ones_like(w[0]), w.sum(0))  # (1,)
-    for start in range(0, flat.shape[1], MIX_CHUNK):
-        chunk = slice(start, start + MIX_CHUNK)
-        kept = flat[:, chunk].float()
-        if mask is not None:
-            kept = kept * mask[:, chunk]
+    step = max(1024, MIX_CHUNK // n_models) if deltas.device.type == "cpu" else MIX_CHUNK_ACCELERATOR  # same bits
+    for start in range(0, flat.shape[1], step):
+        chunk = slice(start, start + step)
+        kept = _kept_chunk(flat[:, chunk].float(), keeps, start)
         if s is not None:
             kept = kept * s
         weighted = kept * w  # (E, c)
         if elect_sign:
-            agree = sign_consensus(weighted)
+            agree = _agreeing(weighted)  # (E, c), 1.0 where a model agrees with the elected sign, else 0
             mixed = (weighted * agree).sum(0)
-            divisor = (w * agree).sum(0)
-            divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+            divisor = _nonzero_or_one((agree.mul_(w)).sum(0))
         else:
             mixed, divisor = weighted.sum(0), plain_divisor
         if normalize:
@@ -104,11 +109,27 @@ def _mix(
     return out.view(base.shape)
 
 
-def sign_consensus(weighted: Tensor) -> Tensor:
+def _kept_chunk(rows: Tensor, keeps: list[Keep | None] | None, start: int) -> Tensor:
+    """(E, c) chunk of the sparsified task vectors (a fresh tensor when any model sparsifies)."""
+    if keeps is None or all(k is None for k in keeps):
+        return rows
+    return torch.stack([row if keep is None else keep.apply(row, start) for row, keep in zip(rows, keeps)])
+
+
+def _agreeing(weighted: Tensor) -> Tensor:
     """TIES sign election (mergekit consensus ``sum``): the elected sign is that of the sum of weighted
-    deltas (+ on ties at 0); returns where each model agrees with it (zeros never agree). (E, *S) bool."""
-    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-    return weighted.sign() == elected
+    deltas, + where the sum is 0 (mergekit: sum >= 0); a model agrees where its weighted delta is
+    nonzero with that sign. Returns 1.0 / 0.0 as fp32 (E, c).
+
+    sign(2 * sign(sum) + 1) is +1 for sum >= 0 (-0.0 included) and -1 below; weighted * elected > 0
+    is agreement, and clamping at 0 then taking the sign turns it into 1.0 / 0.0."""
+    elected = (weighted.sum(0).sign() * 2 + 1).sign_()  # (c,)
+    return (weighted * elected).clamp_(min=0).sign_()
+
+
+def _nonzero_or_one(divisor: Tensor) -> Tensor:
+    """mergekit's divisor[divisor == 0] = 1, in float ops: d + (1 - sign(|d|)) is d, or 1 where d is 0."""
+    return divisor + (1 - divisor.abs().sign())
 
 
 # --- task-vector family (mergekit generalized_task_arithmetic) -----------------------------------
@@ -135,8 +156,8 @@ def ties(
 ) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): trim to the top-density magnitudes per model, elect the sign
     of sum_i w_i d_i per entry, average the agreeing weighted deltas (divided by their weights)."""
-    mask = top_magnitude_mask(deltas, density, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, mask=mask)
+    keeps = top_magnitude_keep(deltas, density, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps)
 
 
 @register(WEIGHT, DENSITY, LAMBDA, random=True)
@@ -151,9 +172,9 @@ def dare_ties(
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2024) drop-and-rescale, then TIES sign election; not normalized (mergekit)."""
-    mask = random_mask(deltas, density, generator)
-    scale = rescale_l1(deltas, mask, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, mask=mask, scale=scale)
+    keeps = random_keep(deltas, density, generator)
+    scale = rescale_l1(deltas, keeps, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
 
 
 @register(WEIGHT, DENSITY, LAMBDA, random=True)
@@ -168,9 +189,9 @@ def dare_linear(
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2024) drop-and-rescale, then task arithmetic."""
-    mask = random_mask(deltas, density, generator)
-    scale = rescale_l1(deltas, mask, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, mask=mask, scale=scale)
+    keeps = random_keep(deltas, density, generator)
+    scale = rescale_l1(deltas, keeps, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
 
 
 @register(WEIGHT, DENSITY, GAMMA, LAMBDA)
@@ -187,8 +208,8 @@ def breadcrumbs(
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the gamma largest and the smallest
     magnitudes, keeping a density fraction, then task arithmetic."""
-    mask = middle_magnitude_mask(deltas, density, gamma, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, mask=mask)
+    keeps = middle_magnitude_keep(deltas, density, gamma, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps)
 
 
 @register(WEIGHT, DENSITY, GAMMA, LAMBDA)
@@ -204,8 +225,8 @@ def breadcrumbs_ties(
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """Model Breadcrumbs sparsification, then TIES sign election; not normalized (mergekit)."""
-    mask = middle_magnitude_mask(deltas, density, gamma, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, mask=mask)
+    keeps = middle_magnitude_keep(deltas, density, gamma, stats or DeltaStats(deltas))
+    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps)
 
 
 def _della_window(values: Resolved, n_models: int) -> str | None:
@@ -235,9 +256,9 @@ def della(
     """DELLA-Merging (Deep et al. 2024): MagPrune (keep probability rises with magnitude rank,
     density +- epsilon), L1 rescale, TIES sign election, normalized (mergekit)."""
     stats = stats or DeltaStats(deltas)
-    mask = rank_sampled_mask(deltas, density, epsilon, generator, stats)
-    scale = rescale_l1(deltas, mask, stats)
-    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, mask=mask, scale=scale)
+    keeps = rank_sampled_keep(deltas, density, epsilon, generator, stats)
+    scale = rescale_l1(deltas, keeps, stats)
+    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps, scale=scale)
 
 
 @register(WEIGHT, DENSITY, EPSILON, LAMBDA, random=True, constraints=(_della_window,))
@@ -254,9 +275,9 @@ def della_linear(
 ) -> Tensor:
     """DELLA MagPrune and L1 rescale, then task arithmetic (no sign election, not normalized)."""
     stats = stats or DeltaStats(deltas)
-    mask = rank_sampled_mask(deltas, density, epsilon, generator, stats)
-    scale = rescale_l1(deltas, mask, stats)
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, mask=mask, scale=scale)
+    keeps = rank_sampled_keep(deltas, density, epsilon, generator, stats)
+    scale = rescale_l1(deltas, keeps, stats)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
 
 
 # --- interpolation and geometric methods ----------------------------------------------------------

@@ -2,24 +2,30 @@
 parameter-free facts about a tensor's task vectors that they need (`DeltaStats`).
 
 Every sparsifier takes deltas (E, *S), one task vector per source model, with per-model values as (E,)
-tensors, and returns a keep-mask (E, N) over the flattened entries (None: keep everything); inputs are
-never written. Masks are per model over the whole tensor, except DELLA's rank sampling, which ranks
-within rows as mergekit does. Applying the masks, rescaling and mixing happen in `_methods._mix`.
+tensors, and returns one `Keep` per model (None: that model keeps everything): what survives of its
+flattened task vector. Inputs are never written. `_methods._mix` applies the Keeps chunk by chunk, so
+no (E, *S) sparsified copy is ever made. Masks are per model over the whole tensor, except DELLA's rank
+sampling, which ranks within rows as mergekit does.
 
 Magnitude ranks. TIES keeps the entries of magnitude rank N-k .. N-1 and Breadcrumbs a middle window,
-where rank = position in the ascending order of |delta| with equal magnitudes ordered by flat index
-(mergekit sorts with an unstable argsort, so which of several equal magnitudes it keeps at the edge of
-the window is arbitrary; ours is fixed). A window is found from the magnitudes at its two edge ranks,
-so a mask costs a selection (kthvalue) per model, or, once `DeltaStats(keep_sorted=True)` has sorted
-each task vector, a binary search: a worker that builds many candidates from the same task vectors
-keeps one DeltaStats per tensor. Both ways give the same edges, so the same masks, bit for bit.
+where rank = position in the ascending order of |delta| with equal magnitudes ordered by flat index.
+(mergekit sorts with an unstable argsort, so which of several equal magnitudes it keeps at the edge
+of the window is arbitrary; ours is fixed. Equal magnitudes are common in task vectors of bf16 models.)
+A window is two magnitude thresholds, found from the magnitudes at its edge ranks, plus, where the
+edge magnitude is shared by entries both inside and outside the window, which of those (counted in
+index order) it takes. Finding an edge costs a radix select (two histogram passes) per model,
+or, once `DeltaStats(keep_sorted=True)` has sorted each task vector, a binary search: a worker that
+builds many candidates from the same task vectors keeps one DeltaStats per tensor. Both ways find the
+same edges, so the merges are bit-identical.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 NORM_EPS = 1e-7  # mergekit rescaled_masked_tensor: below this L1 norm, a task vector is not rescaled
@@ -51,7 +57,7 @@ class Edge:
 class DeltaStats:
     """Facts about one tensor's task vectors (E, *S) that no merge parameter changes, computed on first use.
 
-    With keep_sorted=False (the default, one merge) magnitude edges come from a selection per call. With
+    With keep_sorted=False (the default, one merge) magnitude edges come from a radix select per call. With
     keep_sorted=True each model's sorted |delta| is kept (4 bytes per entry per model, as much again as
     the task vectors) and an edge is a binary search; the L1 norms and DELLA's row ranks are kept too.
     """
@@ -70,15 +76,12 @@ class DeltaStats:
         """The magnitude of ascending rank `rank` in model e's task vector (magnitudes: its |delta|, flat)."""
         if self.keep_sorted:
             s = self._sorted[e]
-            if s is None:
-                s = self._sorted[e] = self.flat(e).float().abs().sort().values
+            if s is None:  # non-negative floats sort like their int32 bit patterns, which sort faster
+                s = self._sorted[e] = self.flat(e).float().abs().view(torch.int32).sort().values.view(torch.float32)
             value = s[rank]
             below = int(torch.searchsorted(s, value, right=False))
             return Edge(float(value), below, int(torch.searchsorted(s, value, right=True)) - below)
-        if magnitudes is None:
-            magnitudes = self.flat(e).float().abs()
-        value = magnitudes.kthvalue(rank + 1).values
-        return Edge(float(value), int((magnitudes < value).sum()), int((magnitudes == value).sum()))
+        return select_edge(self.flat(e).float().abs() if magnitudes is None else magnitudes, rank)
 
     def l1(self) -> Tensor:
         """(E,) L1 norm of each model's task vector (mergekit rescale's `before`)."""
@@ -96,51 +99,131 @@ class DeltaStats:
         return ranks
 
 
-def rank_window(magnitudes: Tensor, low: int, high: int, lo: Edge, hi: Edge) -> Tensor:
-    """Bool mask (N,) of the entries whose magnitude rank lies in [low, high).
+class Keep(Protocol):
+    """What one model keeps of its flattened task vector, applied to consecutive chunks of it."""
+
+    def apply(self, row: Tensor, start: int) -> Tensor:
+        """row: fp32 chunk of the flat task vector starting at entry `start`; kept entries, others 0."""
+        ...
+
+
+@dataclass(frozen=True)
+class MaskKeep:
+    """Keep where a bool mask (N,) is set (random sparsifiers)."""
+
+    mask: Tensor
+
+    def apply(self, row: Tensor, start: int) -> Tensor:
+        return row * self.mask[start : start + len(row)]
+
+
+class MagnitudeKeep:
+    """Keep the entries with above < |d| <= up_to, and of the entries whose |d| equals a partial edge
+    value v, those with ordinals first .. last - 1 in index order (`partial`: (v, first, last) each).
+
+    The thresholds make a chunk one or two hardshrinks (bool masks cost several times more per entry
+    on the CPU). Partial edges are counted chunk by chunk, so chunks must come in order from 0.
+    """
+
+    def __init__(self, above: float, up_to: float | None, partial: list[tuple[float, int, int]] = ()) -> None:
+        self.above = above  # < 0: no lower bound
+        self.up_to = up_to  # None: no upper bound
+        self.partial = list(partial)
+        self._seen = [0] * len(self.partial)
+
+    def apply(self, row: Tensor, start: int) -> Tensor:
+        kept = F.hardshrink(row, self.above) if self.above >= 0 else row.clone()  # |d| > above, others +0
+        if self.up_to is not None:
+            kept -= F.hardshrink(row, self.up_to)  # |d| > up_to: d - d = 0
+        if start == 0:
+            self._seen = [0] * len(self.partial)
+        for i, (value, first, last) in enumerate(self.partial):
+            equal = F.hardshrink(row, _below(value)) - F.hardshrink(row, value)  # the entries with |d| == value
+            count = int(equal.abs().sign().sum())
+            seen, self._seen[i] = self._seen[i], self._seen[i] + count
+            if first <= seen and seen + count <= last:
+                kept += equal
+            elif seen < last and first < seen + count:
+                where = equal.nonzero().squeeze(1)[max(0, first - seen) : last - seen]
+                kept[where] = row[where]
+        return kept
+
+
+def _below(value: float) -> float:
+    """The largest float32 below a non-negative float32 value (-1 for 0): `> _below(v)` means `>= v`."""
+    if value <= 0:
+        return -1.0
+    return float(torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(0.0)))
+
+
+_NONE = float("inf")  # an `above` that keeps nothing
+
+
+def select_edge(magnitudes: Tensor, rank: int) -> Edge:
+    """The magnitude of ascending rank `rank`, with the counts below and equal to it, by a two-pass
+    radix select: non-negative float32s order like their int32 bit patterns, so a histogram of the high
+    16 bits finds the bucket, and one of the low 16 bits within it the exact value. Unlike kthvalue
+    (quickselect), it does not slow down when many magnitudes are equal, as in bf16 task vectors."""
+    bits = magnitudes.reshape(-1).view(torch.int32)
+    high = bits >> 16  # (N,) 0 .. 0x7FC0 (NaN sorts last)
+    cum = torch.bincount(high).cumsum(0)
+    top = int(torch.searchsorted(cum, rank, right=True))  # first bucket whose running count passes rank
+    before = int(cum[top - 1]) if top else 0
+    low_counts = torch.bincount(bits[high == top] & 0xFFFF, minlength=1 << 16)
+    low_cum = low_counts.cumsum(0)
+    bottom = int(torch.searchsorted(low_cum, rank - before, right=True))
+    value = torch.tensor((top << 16) | bottom, dtype=torch.int32).view(torch.float32)
+    below = before + (int(low_cum[bottom - 1]) if bottom else 0)
+    return Edge(float(value), below, int(low_counts[bottom]))
+
+
+def rank_window(n: int, low: int, high: int, lo: Edge, hi: Edge) -> MagnitudeKeep:
+    """Keep the entries whose magnitude rank lies in [low, high) (0 < high - low; high <= n).
 
     lo is the edge at rank low, hi the edge at rank high - 1. Entries equal to an edge value hold the
-    consecutive ranks below .. below + equal - 1 in index order, so only those straddling the window
-    need their indices; everything else is a comparison.
+    consecutive ranks below .. below + equal - 1 in index order; when the window takes only some of
+    them, they leave the thresholds and become a partial edge. An edge of 0 is never partial: a kept
+    zero adds nothing, so zeros at the edge are all dropped.
     """
-    n = magnitudes.numel()
-    if low >= high:
-        return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
-    mask = magnitudes >= lo.value
-    if high < n:
-        mask &= magnitudes <= hi.value
-    for edge in (lo,) if lo.value == hi.value else (lo, hi):
-        drop_head = max(0, low - edge.below)  # equal entries ranked below the window
-        keep = min(edge.equal, high - edge.below)  # equal entries ranked below its end
-        if drop_head > 0 or keep < edge.equal:
-            where = (magnitudes == edge.value).nonzero().squeeze(1)  # ascending index = ascending rank
-            mask[where[:drop_head]] = False
-            mask[where[keep:]] = False
-    return mask
+    up_to = None if high == n else hi.value
+    if lo.value == hi.value:
+        first, last = max(0, low - lo.below), min(lo.equal, high - lo.below)
+        if (first, last) == (0, lo.equal):
+            return MagnitudeKeep(_below(lo.value), up_to)
+        above = lo.value if high == n else _NONE  # top-k keeps everything above the edge
+        return MagnitudeKeep(above, None, [(lo.value, first, last)] if lo.value > 0 else [])
+    above, partial = _below(lo.value), []
+    if low > lo.below:  # the window starts among the entries equal to lo
+        above = lo.value
+        if lo.value > 0:
+            partial.append((lo.value, low - lo.below, lo.equal))
+    if high < n and hi.below + hi.equal > high:  # it ends among the entries equal to hi (> lo >= 0)
+        up_to = _below(hi.value)
+        partial.append((hi.value, 0, high - hi.below))
+    if up_to is not None and up_to <= above:
+        above, up_to = _NONE, None  # nothing strictly inside: only the partial edges
+    return MagnitudeKeep(above, up_to, partial)
 
 
-def top_magnitude_mask(deltas: Tensor, density: Tensor, stats: DeltaStats) -> Tensor | None:
+def top_magnitude_keep(deltas: Tensor, density: Tensor, stats: DeltaStats) -> list[Keep | None] | None:
     """TIES trim (mergekit ``magnitude``): per model keep the max(1, int(density * n)) largest |delta|."""
     densities = density.tolist()
     if all(d >= 1 for d in densities):
         return None
     flat = deltas.reshape(len(deltas), -1)  # (E, N)
     n = flat.shape[1]
-    mask = torch.ones(flat.shape, dtype=torch.bool, device=deltas.device)
+    keeps: list[Keep | None] = []
     for e, d in enumerate(densities):
-        if d >= 1:
+        k = n if d >= 1 else 0 if d <= 0 else max(1, count_of(d, n))
+        if k in (0, n):
+            keeps.append(None if k == n else MagnitudeKeep(_NONE, None))
             continue
-        k = 0 if d <= 0 else max(1, count_of(d, n))
-        magnitudes = flat[e].float().abs()
-        if k == 0:
-            mask[e] = False
-            continue
-        lo = stats.edge(e, n - k, magnitudes)
-        mask[e] = rank_window(magnitudes, n - k, n, lo, lo)
-    return mask
+        lo = stats.edge(e, n - k)
+        keeps.append(rank_window(n, n - k, n, lo, lo))
+    return keeps
 
 
-def middle_magnitude_mask(deltas: Tensor, density: Tensor, gamma: Tensor, stats: DeltaStats) -> Tensor | None:
+def middle_magnitude_keep(deltas: Tensor, density: Tensor, gamma: Tensor, stats: DeltaStats) -> list[Keep | None] | None:
     """Model Breadcrumbs (mergekit ``magnitude_outliers``): per model drop the int(gamma * n) largest
     |delta|, then enough of the smallest to keep int(density * n); fewer large ones are dropped when
     density + gamma > 1. density >= 1 keeps everything, whatever gamma is."""
@@ -149,21 +232,22 @@ def middle_magnitude_mask(deltas: Tensor, density: Tensor, gamma: Tensor, stats:
         return None
     flat = deltas.reshape(len(deltas), -1)  # (E, N)
     n = flat.shape[1]
-    mask = torch.ones(flat.shape, dtype=torch.bool, device=deltas.device)
+    keeps: list[Keep | None] = []
     for e, (d, g) in enumerate(pairs):
-        if d >= 1:
-            continue
         n_keep, n_top = count_of(d, n), count_of(g, n)
         low = max(0, n - n_keep - n_top)
         high = min(n, low + n_keep)
-        if high <= low:
-            mask[e] = False
+        if d >= 1 or (low, high) == (0, n):
+            keeps.append(None)
             continue
-        magnitudes = flat[e].float().abs()
+        if high <= low:
+            keeps.append(MagnitudeKeep(_NONE, None))
+            continue
+        magnitudes = None if stats.keep_sorted else flat[e].float().abs()  # one |d| for both edges
         lo = stats.edge(e, low, magnitudes)
         hi = lo if high - 1 == low else stats.edge(e, high - 1, magnitudes)
-        mask[e] = rank_window(magnitudes, low, high, lo, hi)
-    return mask
+        keeps.append(rank_window(n, low, high, lo, hi))
+    return keeps
 
 
 def uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -172,17 +256,16 @@ def uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.rand(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
 
 
-def random_mask(deltas: Tensor, density: Tensor, generator: torch.Generator | None) -> Tensor:
+def random_keep(deltas: Tensor, density: Tensor, generator: torch.Generator | None) -> list[MaskKeep]:
     """DARE drop (mergekit ``random``): keep each entry with probability density. The noise is drawn
     one model at a time, which is the same stream as one (E, *S) draw."""
     flat = deltas.reshape(len(deltas), -1)
-    mask = torch.empty(flat.shape, dtype=torch.bool, device=deltas.device)
-    for e, d in enumerate(density.tolist()):
-        mask[e] = uniform(flat[e], generator) < d
-    return mask
+    return [MaskKeep(uniform(flat[e], generator) < d) for e, d in enumerate(density.tolist())]
 
 
-def rank_sampled_mask(deltas: Tensor, density: Tensor, epsilon: Tensor, generator: torch.Generator | None, stats: DeltaStats) -> Tensor:
+def rank_sampled_keep(
+    deltas: Tensor, density: Tensor, epsilon: Tensor, generator: torch.Generator | None, stats: DeltaStats
+) -> list[MaskKeep]:
     """DELLA MagPrune (mergekit ``della_magprune``): within each row, the entry of magnitude rank r
     (0 = smallest) of n is kept with probability density - epsilon + 2 * epsilon * r / (n - 1).
 
@@ -190,12 +273,12 @@ def rank_sampled_mask(deltas: Tensor, density: Tensor, epsilon: Tensor, generato
     (the input features of a Linear weight), with the other dims as batch. density >= 1 keeps all
     (its noise is still drawn, so the other models' draws do not depend on it).
     """
-    mask = torch.empty((len(deltas), deltas[0].numel()), dtype=torch.bool, device=deltas.device)
+    keeps = []
     for e, (d, eps) in enumerate(zip(density.tolist(), epsilon.tolist())):
         noise = uniform(_ranking_view(deltas[e : e + 1]), generator)  # (1, ..., n)
         keep = noise < 1 if d >= 1 else noise < (d - eps) + stats.row_ranks(e) * (2 * eps)
-        mask[e] = _undo_ranking_view(keep, deltas[e : e + 1]).reshape(-1)
-    return mask
+        keeps.append(MaskKeep(_undo_ranking_view(keep, deltas[e : e + 1]).reshape(-1)))
+    return keeps
 
 
 def _normalized_row_ranks(rows: Tensor) -> Tensor:
@@ -208,13 +291,13 @@ def _normalized_row_ranks(rows: Tensor) -> Tensor:
     return ranks.float() / (n - 1)
 
 
-def rescale_l1(deltas: Tensor, mask: Tensor, stats: DeltaStats) -> Tensor:
+def rescale_l1(deltas: Tensor, keeps: list[MaskKeep], stats: DeltaStats) -> Tensor:
     """(E,) factor that brings each model's kept entries back to the L1 norm of its whole task vector
     (mergekit ``rescale: true`` = RescaleNorm.l1; about 1/density in expectation, as in DARE); 1 where
     either norm is below NORM_EPS."""
     flat = deltas.reshape(len(deltas), -1)
     before = stats.l1()  # (E,)
-    after = torch.stack([(flat[e].float() * mask[e]).abs().sum() for e in range(len(flat))])
+    after = torch.stack([keeps[e].apply(flat[e].float(), 0).abs().sum() for e in range(len(flat))])
     usable = (before >= NORM_EPS) & (after >= NORM_EPS)
     return torch.where(usable, before / after.clamp_min(NORM_EPS), torch.ones_like(before))
 

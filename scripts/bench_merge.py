@@ -1,0 +1,203 @@
+"""Per-candidate in-memory merge build time, as a worker builds it, against a memory-traffic bound and mergekit.
+
+    python scripts/bench_merge.py                      # ~200M-parameter Llama shape, 3 sources, 2 layer groups
+    python scripts/bench_merge.py --mergekit-python /tmp/mkvenv/bin/python
+
+A synthetic Llama-shaped model (scripts/make_synthetic_models.py shapes; random weights, nothing is
+downloaded) and three perturbed sources are made in memory. The build is the worker's: base tensors and
+fp32 task vectors resident, `merge_named` per tensor copied into a preallocated output tensor of the
+base's dtype (bf16), with a `MergeCache` (as a worker keeps one) and without. Each candidate draws new
+parameters per layer group, so nothing but the cache carries over; the first cached build also fills
+the cache (reported as "first"). The bound is one pass in the same run that reads every task vector
+once and writes the output (`out.copy_(deltas.sum(0))` per tensor). Times are medians over repeats.
+
+mergekit column: mergekit 0.1.5's own merge method (the same `merge_method` object mergekit-yaml runs)
+called per tensor on the same in-memory tensors (fp32 base and sources, dtype float32), with each
+tensor's layer-group parameters, in a subprocess of a separate Python that has mergekit; mergekit is
+never imported here. Set that environment up once (torch pinned, or pip pulls a CUDA build):
+
+    python3 -m venv /tmp/mkvenv
+    /tmp/mkvenv/bin/pip install torch==2.13.0 'mergekit==0.1.5'
+
+Ratios: build / bound (how far from streaming the data once) and mergekit / ours (cached). Random
+methods (dare_ties, della) draw different random masks in mergekit; their times still compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_synthetic_models import llama_config, llama_shapes, synthetic_tensor  # noqa: E402
+
+METHODS = ("ties", "dare_ties", "breadcrumbs", "della")
+N_GROUPS = 2
+
+
+def candidate_params(method: str, rng: torch.Generator, n_sources: int) -> list[dict]:
+    """One parameter mapping per layer group, drawn inside each method's valid range."""
+    def draw(low: float, high: float, n: int | None = None) -> float | list[float]:
+        values = (low + (high - low) * torch.rand(n or 1, generator=rng)).tolist()
+        values = [round(v, 3) for v in values]
+        return values if n else values[0]
+
+    groups = []
+    for _ in range(N_GROUPS):
+        params = {"weight": draw(0.2, 1.0, n_sources), "density": draw(0.2, 0.8, n_sources), "lambda_": draw(0.8, 1.2)}
+        if method == "breadcrumbs":
+            params["gamma"] = draw(0.0, 0.05, n_sources)
+        if method == "della":
+            params["density"] = draw(0.3, 0.7, n_sources)
+            params["epsilon"] = draw(0.05, 0.2, n_sources)
+        groups.append(params)
+    return groups
+
+
+def make_inputs(n_params: float, n_sources: int) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The config, bf16 base tensors and fp32 task vectors (E, *S), as a worker holds them."""
+    from evomerge.build import task_vectors
+
+    config = llama_config(n_params)
+    base, deltas = {}, {}
+    for name, shape in llama_shapes(config):
+        base[name] = synthetic_tensor(name, shape, 0, torch.bfloat16)
+        deltas[name] = task_vectors(base[name], [synthetic_tensor(name, shape, s, torch.bfloat16) for s in range(1, n_sources + 1)])
+    return config, base, deltas
+
+
+def time_build(recipe, base, deltas, out, groups, cache) -> float:
+    from evomerge.build import check_recipe, merge_named
+
+    started = time.perf_counter()
+    spec = check_recipe(recipe)
+    for name, target in out.items():
+        target.copy_(merge_named(recipe, spec, name, groups[name], base[name], deltas[name], cache=cache))
+    return time.perf_counter() - started
+
+
+def time_bound(deltas, out) -> float:
+    started = time.perf_counter()
+    for name, target in out.items():
+        target.copy_(deltas[name].sum(0))
+    return time.perf_counter() - started
+
+
+def bench_ours(args, config, base, deltas) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, list]]:
+    from evomerge.build import MergeCache
+    from evomerge.layout import LayerGroups, group_of_each
+    from evomerge.recipe import Recipe
+
+    groups = group_of_each(list(base), LayerGroups(config["num_hidden_layers"], N_GROUPS))
+    out = {n: torch.empty_like(t) for n, t in base.items()}
+    rng = torch.Generator().manual_seed(0)
+    rows, candidates = {}, {}
+    for method in args.methods:
+        cands = [candidate_params(method, rng, args.sources) for _ in range(args.repeats + 1)]
+        candidates[method] = cands
+        recipes = [Recipe(method, "base", tuple(f"s{i}" for i in range(args.sources)), tuple(g), seed=1) for g in cands]
+        cache = MergeCache()
+        first = time_build(recipes[0], base, deltas, out, groups, cache)
+        cached = [time_build(r, base, deltas, out, groups, cache) for r in recipes[1:]]
+        plain = [time_build(r, base, deltas, out, groups, None) for r in recipes[1 : 1 + args.uncached_repeats]]
+        rows[method] = {"first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain)}
+        del cache
+        print(f"  {method}: first {first:.2f}s, cached {rows[method]['cached']:.2f}s, uncached {rows[method]['uncached']:.2f}s", flush=True)
+    rows["_bound"] = {"bound": statistics.median(time_bound(deltas, out) for _ in range(3))}
+    return rows, groups, candidates
+
+
+def bench_mergekit(args, groups: dict[str, int], candidates: dict[str, list]) -> dict[str, float]:
+    spec = {"params": args.params, "sources": args.sources, "groups": groups, "candidates": candidates,
+            "repeats": args.mergekit_repeats}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    cmd = [args.mergekit_python, __file__, "--mergekit-child", f.name]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    Path(f.name).unlink()
+    if done.returncode != 0:
+        print(f"mergekit run failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mergekit_child(spec_file: str) -> None:
+    """Runs under the mergekit Python: rebuild the same tensors, time mergekit's merge method per tensor."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    spec = json.loads(Path(spec_file).read_text())
+    config = llama_config(spec["params"])
+    tensors = {}
+    for name, shape in llama_shapes(config):
+        tensors[name] = [synthetic_tensor(name, shape, s, torch.bfloat16).float() for s in range(spec["sources"] + 1)]
+    times = {}
+    for method, cands in spec["candidates"].items():
+        merge = registry.get(method)
+        runs = []
+        for groups_params in cands[1 : 1 + spec["repeats"]]:
+            mk_params = [{("lambda" if k == "lambda_" else k): v for k, v in g.items()} for g in groups_params]
+            started = time.perf_counter()
+            for name, group in spec["groups"].items():
+                inputs = TensorGroup.from_tensors(tensors[name], base_index=0)
+                merge([inputs], parameters=mk_params[group], dtype=torch.float32)
+            runs.append(time.perf_counter() - started)
+        times[method] = statistics.median(runs)
+        print(f"  mergekit {method}: {times[method]:.2f}s", file=sys.stderr, flush=True)
+    print(json.dumps(times))
+
+
+def print_table(rows: dict, mk: dict[str, float]) -> None:
+    bound = rows["_bound"]["bound"]
+    print(f"\nmemory-traffic bound (read all task vectors once, write the output): {bound:.3f}s")
+    head = "| method | first build s | cached s | uncached s | cached / bound | uncached / bound | mergekit s | mergekit / ours |"
+    print(head)
+    print("|" + " --- |" * (head.count("|") - 1))
+    for method, r in rows.items():
+        if method.startswith("_"):
+            continue
+        mk_s = mk.get(method)
+        mk_cells = f"{mk_s:.2f} | {mk_s / r['cached']:.1f}x" if mk_s else "- | -"
+        print(f"| {method} | {r['first']:.2f} | {r['cached']:.2f} | {r['uncached']:.2f} | "
+              f"{r['cached'] / bound:.1f}x | {r['uncached'] / bound:.1f}x | {mk_cells} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=2e8, help="model size in parameters (default 2e8)")
+    parser.add_argument("--sources", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=2, help="cached candidates per method after the first (median)")
+    parser.add_argument("--uncached-repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--mergekit-python", help="a Python with mergekit 0.1.5 (see the docstring)")
+    parser.add_argument("--mergekit-repeats", type=int, default=1)
+    parser.add_argument("--mergekit-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mergekit_child:
+        mergekit_child(args.mergekit_child)
+        return 0
+    started = time.perf_counter()
+    config, base, deltas = make_inputs(args.params, args.sources)
+    n = sum(t.numel() for t in base.values())
+    print(f"inputs: {n / 1e6:.0f}M parameters, {config['num_hidden_layers']} layers, {args.sources} sources, "
+          f"{N_GROUPS} layer groups, torch threads {torch.get_num_threads()} ({time.perf_counter() - started:.0f}s to make)")
+    rows, groups, candidates = bench_ours(args, config, base, deltas)
+    del deltas
+    mk = bench_mergekit(args, groups, candidates) if args.mergekit_python else {}
+    print_table(rows, mk)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
