@@ -155,12 +155,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.build import check_recipe
     from evomerge.errors import ConfigError
     from evomerge.export import check_out_dir, write_recipe_checkpoint
+    from evomerge.path_recipe import recipe_from_yaml
     from evomerge.recipe import Recipe
 
     if not args.recipe.is_file():
         raise ConfigError(f"recipe {args.recipe}: no such file")
-    recipe = Recipe.from_yaml(args.recipe.read_text())
-    check_recipe(recipe)
+    recipe = recipe_from_yaml(args.recipe.read_text())
+    if isinstance(recipe, Recipe):
+        check_recipe(recipe)
     check_out_dir(args.out, args.force)
     files = write_recipe_checkpoint(recipe, args.out, card=f"# Merged model\n\nRecipe: `{args.recipe.name}`\n")
     print(f"wrote {args.out} ({len(files)} weight file(s))")

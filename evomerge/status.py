@@ -35,7 +35,7 @@ def trials_table(storage: str, name: str) -> str:
             str(t.number), t.state.name,
             "-" if t.state != TrialState.COMPLETE else f"{fitness_of(t):.4f}",
             "-" if heldout is None else f"{heldout['fitness']:.4f}",
-            str(recipe.get("method", "-")),
+            str(recipe.get("method", recipe.get("kind", "-"))),
             _num(t.user_attrs.get("merge_s")), _num(t.user_attrs.get("eval_s")),
             str(t.user_attrs.get("fail_reason", ""))[:60],
         ))
