@@ -168,19 +168,27 @@ class StudyStore:
         return True
 
     def save_controller(self, generation: int, state: bytes) -> None:
-        """Checkpoint the optimizer as it is before asking `generation` (compressed, in chunks)."""
+        """Checkpoint the optimizer as it is before asking `generation` (compressed, in chunks).
+
+        Chunks go under generation-specific keys and the header that points at them is written last,
+        so a controller killed mid-checkpoint leaves the previous checkpoint intact.
+        """
         text = base64.b64encode(zlib.compress(state, 6)).decode()
         chunks = [text[i : i + _CHUNK_CHARS] for i in range(0, len(text), _CHUNK_CHARS)]
         for i, chunk in enumerate(chunks):
-            self.study.set_user_attr(f"{OPTIMIZER_ATTR}.{i}", chunk)
+            self.study.set_user_attr(f"{OPTIMIZER_ATTR}.g{generation}.{i}", chunk)
+        previous = self.study.user_attrs.get(OPTIMIZER_ATTR)
         self.study.set_user_attr(OPTIMIZER_ATTR, {"generation": generation, "chunks": len(chunks), "bytes": len(state)})
+        if previous and previous["generation"] != generation:  # blank the superseded checkpoint
+            for i in range(previous["chunks"]):
+                self.study.set_user_attr(f"{OPTIMIZER_ATTR}.g{previous['generation']}.{i}", "")
 
     def load_controller(self) -> tuple[int, bytes] | None:
         attrs = self.study.user_attrs
         head = attrs.get(OPTIMIZER_ATTR)
         if head is None:
             return None
-        text = "".join(attrs[f"{OPTIMIZER_ATTR}.{i}"] for i in range(head["chunks"]))
+        text = "".join(attrs[f"{OPTIMIZER_ATTR}.g{head['generation']}.{i}"] for i in range(head["chunks"]))
         return head["generation"], zlib.decompress(base64.b64decode(text))
 
     def fail_orphans(self) -> list[int]:

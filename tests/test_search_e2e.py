@@ -71,3 +71,20 @@ def test_optuna_sampler_multi_objective_and_pareto_export(zoo_llama, tmp_path: P
     out = capsys.readouterr().out
     assert out.count("exported trial") == len(front) >= 1
     assert all((tmp_path / "front" / f"trial-{t.number}" / "model.safetensors").is_file() for t in front)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_other_tensor_naming_families_search_and_export(family, request, tmp_path: Path) -> None:
+    """Qwen2 (q/k/v biases) and GPT-2 (transformer.h.N, fused c_attn) go through the same search and export."""
+    zoo = request.getfixturevalue(f"zoo_{family}")
+    config = zoo_config(zoo, tmp_path, name=family, trials=4, popsize=4, limit=10,
+                        search_space={"preset": "ties", "layer_groups": 2})
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["search", str(config)]) == 0
+    store = StudyStore.open(url, family)
+    best = store.trial(None)
+    assert {n.split(".")[0] for n in best.params} == {"g0", "g1"}
+    assert main(["export", family, "--storage", url, "--out", str(tmp_path / "out")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == family

@@ -21,6 +21,7 @@ same edges, so the merges are bit-identical.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,31 +58,48 @@ class Edge:
 class DeltaStats:
     """Facts about one tensor's task vectors (E, *S) that no merge parameter changes, computed on first use.
 
-    With keep_sorted=False (the default, one merge) magnitude edges come from a radix select per call. With
-    keep_sorted=True each model's sorted |delta| is kept (4 bytes per entry per model, as much again as
-    the task vectors) and an edge is a binary search; the L1 norms and DELLA's row ranks are kept too.
+    With keep_sorted=False (the default, one merge) magnitude edges come from a radix select per call.
+    With keep_sorted=True each model's |delta| is sorted once, stably, and the sorted values and their
+    flat indices are kept (8 bytes per entry per model, twice the task vectors): an edge is then a
+    binary search and a cut point an index lookup. The L1 norms and DELLA's row ranks are kept too.
     """
 
     def __init__(self, deltas: Tensor, *, keep_sorted: bool = False) -> None:
         self.deltas = deltas
         self.keep_sorted = keep_sorted
-        self._sorted: list[Tensor | None] = [None] * len(deltas)
+        self._sorted: list[tuple[Tensor, Tensor] | None] = [None] * len(deltas)
         self._l1: Tensor | None = None
         self._row_ranks: list[Tensor | None] = [None] * len(deltas)
 
     def flat(self, e: int) -> Tensor:
         return self.deltas[e].reshape(-1)
 
+    def magnitudes(self, e: int) -> Tensor | None:
+        """Model e's |delta|, flat, for the calls below; None when the sorted copy answers them."""
+        return None if self.keep_sorted else self.flat(e).float().abs()
+
     def edge(self, e: int, rank: int, magnitudes: Tensor | None = None) -> Edge:
         """The magnitude of ascending rank `rank` in model e's task vector (magnitudes: its |delta|, flat)."""
+        if not self.keep_sorted:
+            return select_edge(self.flat(e).float().abs() if magnitudes is None else magnitudes, rank)
+        values, _ = self._sorted_of(e)
+        value = values[rank]
+        below = int(torch.searchsorted(values, value, right=False))
+        return Edge(float(value), below, int(torch.searchsorted(values, value, right=True)) - below)
+
+    def position(self, e: int, edge: Edge, ordinal: int, magnitudes: Tensor | None = None) -> int:
+        """Flat index of the entry of rank edge.below + ordinal: the ordinal-th entry (in index order)
+        whose magnitude is edge.value."""
         if self.keep_sorted:
-            s = self._sorted[e]
-            if s is None:  # non-negative floats sort like their int32 bit patterns, which sort faster
-                s = self._sorted[e] = self.flat(e).float().abs().view(torch.int32).sort().values.view(torch.float32)
-            value = s[rank]
-            below = int(torch.searchsorted(s, value, right=False))
-            return Edge(float(value), below, int(torch.searchsorted(s, value, right=True)) - below)
-        return select_edge(self.flat(e).float().abs() if magnitudes is None else magnitudes, rank)
+            return int(self._sorted_of(e)[1][edge.below + ordinal])
+        magnitudes = self.flat(e).float().abs() if magnitudes is None else magnitudes
+        return int((magnitudes == edge.value).nonzero()[ordinal])
+
+    def _sorted_of(self, e: int) -> tuple[Tensor, Tensor]:
+        if self._sorted[e] is None:  # non-negative floats sort like their int32 bit patterns, which sort faster
+            bits, order = self.flat(e).float().abs().view(torch.int32).sort(stable=True)
+            self._sorted[e] = bits.view(torch.float32), order.to(torch.int32)
+        return self._sorted[e]
 
     def l1(self) -> Tensor:
         """(E,) L1 norm of each model's task vector (mergekit rescale's `before`)."""
@@ -117,35 +135,51 @@ class MaskKeep:
         return row * self.mask[start : start + len(row)]
 
 
+@dataclass(frozen=True)
+class Cut:
+    """Of the entries whose |d| equals `value`, those with flat index in [start, stop) are kept.
+
+    side: "lower" (the window's lower edge: inside the range the lower threshold may include the
+    value), "upper" (its upper edge, likewise) or "only" (a window within one magnitude)."""
+
+    value: float
+    start: int
+    stop: int
+    side: str
+
+
 class MagnitudeKeep:
-    """Keep the entries with above < |d| <= up_to, and of the entries whose |d| equals a partial edge
-    value v, those with ordinals first .. last - 1 in index order (`partial`: (v, first, last) each).
+    """Keep the entries with above < |d| <= up_to, plus the edge-valued entries each Cut takes.
 
     The thresholds make a chunk one or two hardshrinks (bool masks cost several times more per entry
-    on the CPU). Partial edges are counted chunk by chunk, so chunks must come in order from 0.
+    on the CPU); a chunk inside a Cut's index range just moves the threshold to include its value, and
+    only a chunk that straddles the range's ends looks at single entries.
     """
 
-    def __init__(self, above: float, up_to: float | None, partial: list[tuple[float, int, int]] = ()) -> None:
+    def __init__(self, above: float, up_to: float | None, cuts: Sequence[Cut] = ()) -> None:
         self.above = above  # < 0: no lower bound
         self.up_to = up_to  # None: no upper bound
-        self.partial = list(partial)
-        self._seen = [0] * len(self.partial)
+        self.cuts = tuple(cuts)
 
     def apply(self, row: Tensor, start: int) -> Tensor:
-        kept = F.hardshrink(row, self.above) if self.above >= 0 else row.clone()  # |d| > above, others +0
-        if self.up_to is not None:
-            kept -= F.hardshrink(row, self.up_to)  # |d| > up_to: d - d = 0
-        if start == 0:
-            self._seen = [0] * len(self.partial)
-        for i, (value, first, last) in enumerate(self.partial):
-            equal = F.hardshrink(row, _below(value)) - F.hardshrink(row, value)  # the entries with |d| == value
-            count = int(equal.abs().sign().sum())
-            seen, self._seen[i] = self._seen[i], self._seen[i] + count
-            if first <= seen and seen + count <= last:
-                kept += equal
-            elif seen < last and first < seen + count:
-                where = equal.nonzero().squeeze(1)[max(0, first - seen) : last - seen]
-                kept[where] = row[where]
+        above, up_to, extra = self.above, self.up_to, []
+        end = start + len(row)
+        for cut in self.cuts:
+            first, stop = max(cut.start, start), min(cut.stop, end)
+            if first >= stop:
+                continue
+            if (first, stop) == (start, end) and cut.side == "lower":
+                above = _below(cut.value)  # the whole chunk takes this value: include it
+            elif (first, stop) == (start, end) and cut.side == "upper":
+                up_to = cut.value
+            else:
+                extra.append((cut.value, first - start, stop - start))
+        kept = F.hardshrink(row, above) if above >= 0 else row.clone()  # |d| > above, others +0
+        if up_to is not None:
+            kept -= F.hardshrink(row, up_to)  # |d| > up_to: d - d = 0
+        for value, first, stop in extra:  # entries equal to value in [first, stop): 0 so far, now d
+            part = row[first:stop]
+            kept[first:stop] += F.hardshrink(part, _below(value)) - F.hardshrink(part, value)
         return kept
 
 
@@ -177,32 +211,41 @@ def select_edge(magnitudes: Tensor, rank: int) -> Edge:
     return Edge(float(value), below, int(low_counts[bottom]))
 
 
-def rank_window(n: int, low: int, high: int, lo: Edge, hi: Edge) -> MagnitudeKeep:
-    """Keep the entries whose magnitude rank lies in [low, high) (0 < high - low; high <= n).
+def rank_window(stats: DeltaStats, e: int, low: int, high: int) -> MagnitudeKeep:
+    """Keep the entries of model e whose magnitude rank lies in [low, high) (0 < high - low <= n).
 
-    lo is the edge at rank low, hi the edge at rank high - 1. Entries equal to an edge value hold the
-    consecutive ranks below .. below + equal - 1 in index order; when the window takes only some of
-    them, they leave the thresholds and become a partial edge. An edge of 0 is never partial: a kept
-    zero adds nothing, so zeros at the edge are all dropped.
+    Entries equal to an edge value hold the consecutive ranks below .. below + equal - 1 in index
+    order; when the window takes only some of them, the thresholds leave that value out and a Cut
+    takes back the index range of the ones inside. An edge of 0 is never cut: a kept zero adds nothing.
     """
+    n = stats.deltas[e].numel()
+    magnitudes = stats.magnitudes(e)  # one |d| for both edges and their cuts
+    lo = stats.edge(e, low, magnitudes)
+    hi = lo if high - 1 == low or high == n else stats.edge(e, high - 1, magnitudes)
     up_to = None if high == n else hi.value
-    if lo.value == hi.value:
-        first, last = max(0, low - lo.below), min(lo.equal, high - lo.below)
-        if (first, last) == (0, lo.equal):
-            return MagnitudeKeep(_below(lo.value), up_to)
-        above = lo.value if high == n else _NONE  # top-k keeps everything above the edge
-        return MagnitudeKeep(above, None, [(lo.value, first, last)] if lo.value > 0 else [])
-    above, partial = _below(lo.value), []
+    if lo.value == hi.value and high < n:  # the window lies within one magnitude
+        if (low, high) == (lo.below, lo.below + lo.equal):
+            return MagnitudeKeep(_below(lo.value), lo.value)
+        return MagnitudeKeep(_NONE, None, _cuts(stats, e, lo, low - lo.below, high - lo.below, "only", magnitudes))
+    above, cuts = _below(lo.value), []
     if low > lo.below:  # the window starts among the entries equal to lo
         above = lo.value
-        if lo.value > 0:
-            partial.append((lo.value, low - lo.below, lo.equal))
+        cuts += _cuts(stats, e, lo, low - lo.below, lo.equal, "lower", magnitudes)
     if high < n and hi.below + hi.equal > high:  # it ends among the entries equal to hi (> lo >= 0)
         up_to = _below(hi.value)
-        partial.append((hi.value, 0, high - hi.below))
-    if up_to is not None and up_to <= above:
-        above, up_to = _NONE, None  # nothing strictly inside: only the partial edges
-    return MagnitudeKeep(above, up_to, partial)
+        cuts += _cuts(stats, e, hi, 0, high - hi.below, "upper", magnitudes)
+    if up_to is not None and up_to <= above:  # nothing strictly inside: only the cuts, taken entry by entry
+        return MagnitudeKeep(_NONE, None, [Cut(c.value, c.start, c.stop, "only") for c in cuts])
+    return MagnitudeKeep(above, up_to, cuts)
+
+
+def _cuts(stats: DeltaStats, e: int, edge: Edge, first: int, last: int, side: str, magnitudes: Tensor | None) -> list[Cut]:
+    """The index range of the entries equal to edge.value with ordinals first .. last - 1."""
+    if last <= first or edge.value <= 0:
+        return []
+    start = stats.position(e, edge, first, magnitudes) if first > 0 else 0
+    stop = stats.position(e, edge, last - 1, magnitudes) + 1 if last < edge.equal else stats.deltas[e].numel()
+    return [Cut(edge.value, start, stop, side)]
 
 
 def top_magnitude_keep(deltas: Tensor, density: Tensor, stats: DeltaStats) -> list[Keep | None] | None:
@@ -218,8 +261,7 @@ def top_magnitude_keep(deltas: Tensor, density: Tensor, stats: DeltaStats) -> li
         if k in (0, n):
             keeps.append(None if k == n else MagnitudeKeep(_NONE, None))
             continue
-        lo = stats.edge(e, n - k)
-        keeps.append(rank_window(n, n - k, n, lo, lo))
+        keeps.append(rank_window(stats, e, n - k, n))
     return keeps
 
 
@@ -243,10 +285,7 @@ def middle_magnitude_keep(deltas: Tensor, density: Tensor, gamma: Tensor, stats:
         if high <= low:
             keeps.append(MagnitudeKeep(_NONE, None))
             continue
-        magnitudes = None if stats.keep_sorted else flat[e].float().abs()  # one |d| for both edges
-        lo = stats.edge(e, low, magnitudes)
-        hi = lo if high - 1 == low else stats.edge(e, high - 1, magnitudes)
-        keeps.append(rank_window(n, low, high, lo, hi))
+        keeps.append(rank_window(stats, e, low, high))
     return keeps
 
 
@@ -286,7 +325,7 @@ def _normalized_row_ranks(rows: Tensor) -> Tensor:
     n = rows.shape[-1]
     if n == 1:
         return torch.full(rows.shape, 0.5, device=rows.device)
-    order = rows.abs().argsort(dim=-1, stable=True)
+    order = rows.abs().view(torch.int32).argsort(dim=-1, stable=True)  # |x| orders like its int32 bits, sorts faster
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=rows.device).expand_as(order))
     return ranks.float() / (n - 1)
 
