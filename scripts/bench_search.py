@@ -1,0 +1,368 @@
+"""Search efficiency on the tiny zoo: best fitness per evaluation spent, four optimizers, one budget.
+
+Every optimizer runs through evomerge's real search loop (`SearchRun`: Optuna study in SQLite, Ray
+workers building each candidate in memory, lm-eval scoring on the fitness split), on the same zoo, the
+same tasks and the same budget of evaluations; the best trial of each run is then scored on the held-out
+split by the same workers (`SearchRun.score_heldout`, top 1).
+
+  cmaes      evomerge's default: pycma CMA-ES over the demo's `ties_or_dare` space (9 genes: the method,
+             weight and density per source in 2 layer groups), default popsize and sigma0, bounds [0, 1]
+  random     uniform random search over the same space (`optimizer.kind: random`)
+  tpe        Optuna's TPE over the same space (`optimizer.kind: tpe`; a new trial whenever a worker is free)
+  mergekit   what mergekit-evolve 0.1.5 does (mergekit/scripts/evolve.py, mergekit/evo/genome.py):
+             `cma.fmin2(parallel_objective=..., x0, sigma0=1/6)`, no bounds, no restarts, pycma's default
+             popsize; its genome (layer group x model x [weight, density]) starts at weight 1/n and
+             density 1, and decodes weight = |x|, density = clip(|x|, 0, 1). Its method is fixed per
+             genome: `ties` here, layer_granularity 2 (= 2 groups on the 4-layer zoo). mergekit-evolve
+             sets `normalize: true` for ties and dare_ties; evomerge's ties is normalized TIES too
+             (evomerge's dare_ties is not normalized, as in plain mergekit), so ties is the method both
+             express exactly. It is plugged in as a controller (`MergekitEvolveController`) with its own
+             8-gene space (weight in [0, 2], density in [1e-6, 1]); see that class for the exact mapping.
+  cmaes_ties evomerge's default CMA-ES on that same 8-gene ties space (a fifth row, not asked for by the
+             comparison itself: it tells whether a difference comes from the optimizer or from the space)
+
+Controllers ask whole generations and the last one is truncated to the budget (SearchRun.generations),
+so every optimizer is charged exactly `--budget` evaluations. Ray and the two workers start once and one
+WorkerPool serves every run (the pool does not depend on the study).
+
+    python scripts/bench_search.py                          # 5 x 3 seeds x 64 evaluations: 5 min on 2 cores
+    python scripts/bench_search.py --budget 16 --seeds 1 --out /tmp/bench   # a quick look
+
+Writes <out>/bench_search.md (table), bench_search.json (every curve) and bench_search.png (best-so-far
+curves, mean over seeds with the min..max band). matplotlib is imported lazily, for the plot only: it is
+not an evomerge dependency (`pip install matplotlib`); without it the plot is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from evomerge.config import OPTUNA_SAMPLERS, StudyConfig, load_preset, parse_config  # noqa: E402
+from evomerge.optimize import make_controller  # noqa: E402
+from evomerge.spaces import encode_unit  # noqa: E402
+from evomerge.study import StudyStore, fitness_of  # noqa: E402
+
+METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties")
+LABELS = {
+    "cmaes": "evomerge CMA-ES (default)",
+    "random": "random search",
+    "tpe": "Optuna TPE",
+    "mergekit": "mergekit-evolve's CMA-ES",
+    "cmaes_ties": "evomerge CMA-ES on mergekit's space",
+}
+MERGEKIT_SPACE = {  # mergekit-evolve's genome as an evomerge space: one method, weight and density per group x model
+    "kind": "parameter",
+    "methods": ["ties"],
+    "layer_groups": 2,
+    "params": {"weight": {"low": 0.0, "high": 2.0}, "density": {"low": 1e-6, "high": 1.0}},
+}
+
+
+class MergekitEvolveController:
+    """mergekit-evolve's optimizer behind evomerge's ask/tell seam.
+
+    mergekit-evolve runs `cma.fmin2(None, parallel_objective=f, x0=x0, sigma0=1/6, options={"maxfevals":
+    budget})`: without restarts, fmin2 is exactly an ask/tell loop over one CMAEvolutionStrategy with
+    pycma's default options (no bounds, popsize 4 + 3 ln n). Its genotype is a (groups, models, 1, 2)
+    array of [weight, density], x0 = [1/n, 1]; it decodes weight = |x| and density = clip(|x|, 0, 1)
+    (allow_negative_weights off, the default). The only change is a fixed seed (pycma seeds from the
+    clock by default), so runs repeat.
+
+    The decoded values go to SearchRun as a point of the 8-gene space's unit cube. Two values of
+    mergekit's range fall outside evomerge's: density 0 (evomerge requires density > 0; it becomes 1e-6,
+    i.e. top 0.0001% instead of nothing) and weights above 2 (a group's weights are then all scaled by
+    2 / max, which leaves normalized TIES unchanged: its merge is sum(w m d) / sum(w m), homogeneous of
+    degree 0 in the weights). Both are counted in `clipped`.
+    """
+
+    def __init__(self, genes: list, labels: list[str], n_groups: int, seed: int, sigma0: float = 1 / 6,
+                 popsize: int | None = None) -> None:
+        import cma
+
+        self.genes, self.labels, self.n_groups = genes, labels, n_groups
+        n_models = len(labels)
+        x0 = np.zeros((n_groups, n_models, 1, 2))
+        x0[..., 0], x0[..., 1] = 1 / n_models, 1.0  # mergekit ModelGenome.initial_genotype(random=False)
+        options = {"seed": seed + 1, "verbose": -9, "verb_log": 0}  # seed 0 would mean "from the clock"
+        if popsize:
+            options["popsize"] = popsize
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.es = cma.CMAEvolutionStrategy(x0.reshape(-1), sigma0, options)
+        self.popsize = int(self.es.popsize)
+        self.clipped = 0
+        self._raw: list[np.ndarray] = []
+
+    def gene_values(self, genotype: np.ndarray) -> dict[str, float]:
+        """mergekit's decoding (genome.genotype_merge_config) into this space's gene values."""
+        g = np.asarray(genotype, dtype=float).reshape(self.n_groups, len(self.labels), 1, 2)[:, :, 0, :]
+        values: dict[str, float] = {}
+        for group in range(self.n_groups):
+            weights = np.abs(g[group, :, 0])
+            densities = np.clip(np.abs(g[group, :, 1]), 0.0, 1.0)
+            if weights.max() > 2.0:
+                weights, self.clipped = weights * (2.0 / weights.max()), self.clipped + 1
+            if densities.min() < 1e-6:
+                densities, self.clipped = np.maximum(densities, 1e-6), self.clipped + 1
+            for label, w, d in zip(self.labels, weights, densities):
+                values[f"g{group}.weight.{label}"], values[f"g{group}.density.{label}"] = float(w), float(d)
+        return values
+
+    def ask(self) -> list[np.ndarray]:
+        self._raw = [np.asarray(x, dtype=float) for x in self.es.ask()]
+        return [encode_unit(self.genes, self.gene_values(x)) for x in self._raw]
+
+    def tell(self, xs: list[np.ndarray], fitness: list[float | None]) -> None:
+        if len(xs) != len(self._raw):
+            raise ValueError(f"tell() got {len(xs)} candidates, ask() gave {len(self._raw)}")
+        # mergekit-evolve returns -score; a failed candidate there is None, which pycma cannot take
+        losses = [math.nan if f is None else -float(f) for f in fitness]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.es.tell(self._raw, losses)
+
+    @property
+    def sigma(self) -> float:
+        return float(self.es.sigma)
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self)
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    curve: list[float | None] = field(default_factory=list)  # fitness of evaluation i, in completion order
+    best: float = math.nan
+    heldout: float = math.nan
+    best_trial: int = -1
+    failed: int = 0
+    popsize: int | None = None
+    search_s: float = 0.0
+    heldout_s: float = 0.0
+    note: str = ""
+
+    def best_so_far(self) -> list[float]:
+        out, best = [], -math.inf
+        for f in self.curve:
+            best = max(best, f) if f is not None else best
+            out.append(best if best > -math.inf else math.nan)
+        return out
+
+
+def study_config(method: str, seed: int, zoo, budget: int, db: Path, workers: int) -> StudyConfig:
+    space = MERGEKIT_SPACE if method in ("mergekit", "cmaes_ties") else load_preset("ties_or_dare")
+    return parse_config({
+        "name": f"{method}-s{seed}",
+        "storage": f"sqlite:///{db}",
+        "models": {"base": str(zoo.base), "sources": [str(p) for p in zoo.specialists.values()]},
+        "search_space": space,
+        "evaluation": {"tasks": [{"name": f"zoo_{skill}"} for skill in zoo.specialists], "heldout_top_k": 1},
+        "optimizer": {"kind": "cmaes" if method in ("mergekit", "cmaes_ties") else method, "seed": seed},
+        "budget": {"trials": budget},
+        "workers": {"n": workers},
+    }, source=f"bench {method}")
+
+
+def controller_for(method: str, prepared, workers: int):
+    cfg, space = prepared.cfg, prepared.space
+    if cfg.optimizer.kind in OPTUNA_SAMPLERS:
+        return None
+    if method == "mergekit":
+        return MergekitEvolveController(space.genes, space.labels, cfg.search_space.layer_groups, cfg.optimizer.seed)
+    x0 = np.array([g.to_unit(g.default) for g in space.genes])  # as run_search does
+    return make_controller(cfg.optimizer, x0, workers)
+
+
+def run_one(method: str, seed: int, zoo, args: argparse.Namespace, pool, db: Path) -> RunResult:
+    """What search._drive does, on a pool shared across runs."""
+    from evomerge.search import SearchRun, prepare
+
+    prepared = prepare(study_config(method, seed, zoo, args.budget, db, args.workers))
+    if prepared.setup != pool.setup:
+        raise ValueError(f"{method}: its worker setup differs from the shared pool's; the runs would not be comparable")
+    store = StudyStore.create(prepared.cfg, {g.name: g.default for g in prepared.space.genes})
+    controller = controller_for(method, prepared, args.workers)
+    run = SearchRun(prepared, store, controller, pool, progress=print if args.verbose else (lambda _: None))
+    result = RunResult(method, seed, popsize=getattr(controller, "popsize", None))
+    started = time.perf_counter()
+    if controller is None:
+        run.sampled()
+    else:
+        run.generations(0)
+    result.search_s = time.perf_counter() - started
+    run.score_heldout()
+    result.heldout_s = time.perf_counter() - started - result.search_s
+    _read_results(store, result)
+    if isinstance(controller, MergekitEvolveController) and controller.clipped:
+        result.note = f"{controller.clipped} group(s) clipped to evomerge's range"
+    return result
+
+
+def _read_results(store: StudyStore, result: RunResult) -> None:
+    import optuna
+
+    finished = [t for t in store.study.get_trials(deepcopy=False)
+                if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
+    final = {}  # (generation, candidate) -> its last attempt: a retried candidate is one evaluation
+    for t in sorted(finished, key=lambda t: t.datetime_complete):
+        final[(t.user_attrs.get("generation"), t.user_attrs.get("candidate"))] = t
+    ordered = sorted(final.values(), key=lambda t: t.datetime_complete)
+    result.curve = [fitness_of(t) if t.state == optuna.trial.TrialState.COMPLETE else None for t in ordered]
+    result.failed = result.curve.count(None)
+    top = sorted(store.completed(), key=fitness_of, reverse=True)[0]  # the trial score_heldout scored
+    result.best, result.best_trial = fitness_of(top), top.number
+    held = store.heldout(top.number)
+    result.heldout = held["fitness"] if held else math.nan
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def mean_sd(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def table(results: list[RunResult], budget: int) -> str:
+    marks = sorted({max(budget // 4, 1), max(budget // 2, 1)})
+    head = ["optimizer", *[f"best fitness @{m}" for m in marks], f"best fitness @{budget}", "held-out of best",
+            "search s / run", "failed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in METHODS:
+        runs = [r for r in results if r.method == method]
+        if not runs:
+            continue
+        at = [mean_sd([r.best_so_far()[m - 1] for r in runs if len(r.curve) >= m]) for m in marks]
+        cells = [LABELS[method], *at, f"**{mean_sd([r.best for r in runs])}**", f"**{mean_sd([r.heldout for r in runs])}**",
+                 f"{statistics.fmean(r.search_s for r in runs):.0f}", str(sum(r.failed for r in runs))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[RunResult], budget: int, path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for method in METHODS:
+        curves = [r.best_so_far()[:budget] for r in results if r.method == method]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        arr = np.array([c[:n] for c in curves], dtype=float)
+        x = np.arange(1, n + 1)
+        line, = ax.plot(x, np.nanmean(arr, axis=0), label=f"{LABELS[method]} ({len(curves)} seeds)")
+        ax.fill_between(x, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=line.get_color(), alpha=0.15)
+    means = [np.nanmean([r.best_so_far()[max(budget // 8, 1) - 1] for r in results if r.method == m]) for m in METHODS
+             if any(r.method == m for r in results)]
+    ax.set_ylim(bottom=max(0.0, min(means) - 0.05))  # the first few evaluations are off the bottom: the ends matter
+    ax.set_xlabel("evaluations spent")
+    ax.set_ylabel("best fitness so far (fitness split)")
+    ax.set_title("Tiny zoo: best fitness per evaluation (mean of seeds; band: min..max)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"plot: {path} ({path.stat().st_size // 1024} KB)"
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=int, default=64, help="evaluations per run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--zoo", type=Path, default=None, help="zoo cache folder (default: the test cache)")
+    parser.add_argument("--verbose", action="store_true", help="print every trial")
+    parser.add_argument("--replot", action="store_true", help="only rewrite <out>/bench_search.{md,png} from its .json")
+    args = parser.parse_args(argv)
+    if args.replot:
+        data = json.loads((args.out / "bench_search.json").read_text())
+        print(report(data, [RunResult(**r) for r in data["runs"]], args.out))
+        return 0
+
+    from evomerge.pool import WorkerPool, start_ray
+    from evomerge.search import prepare
+    from evomerge.zoo import build_zoo
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from zoo_fixtures import zoo_cache_dir
+
+    wall_started = time.perf_counter()
+    zoo = build_zoo(args.zoo or zoo_cache_dir(), family="llama")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[RunResult] = []
+    with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
+        db = Path(tmp) / "bench.db"
+        setup = prepare(study_config("cmaes", 0, zoo, args.budget, Path(tmp) / "probe.db", args.workers)).setup
+        start_ray(args.workers, 1)
+        pool = WorkerPool(setup, args.workers, cpus=1, progress=print)
+        try:
+            for seed in range(args.seeds):
+                for method in args.methods:
+                    r = run_one(method, seed, zoo, args, pool, db)
+                    results.append(r)
+                    print(f"{method:9s} seed {seed}: best {r.best:.4f} (trial {r.best_trial}) held-out {r.heldout:.4f} "
+                          f"| {len(r.curve)} evals, {r.failed} failed, popsize {r.popsize}, search {r.search_s:.0f}s "
+                          f"held-out {r.heldout_s:.0f}s {r.note}", flush=True)
+        finally:
+            pool.close()
+    wall_s = time.perf_counter() - wall_started
+    data = {"budget": args.budget, "seeds": args.seeds, "workers": args.workers, "wall_s": round(wall_s, 1),
+            "worker_startup_s": round(pool.startup_s, 1), "runs": [asdict(r) for r in results]}
+    (args.out / "bench_search.json").write_text(json.dumps(data, indent=1))
+    print(report(data, results, args.out))
+    return 0
+
+
+def report(data: dict, results: list[RunResult], out: Path) -> str:
+    """Write <out>/bench_search.md and .png from the runs; returns what to print."""
+    md = table(results, data["budget"])
+    header = (f"Tiny zoo (llama: 4 layers, d=128; arith + rev specialists), tasks zoo_arith + zoo_rev (200 examples "
+              f"per split, exact match), {data['budget']} evaluations per run, {data['seeds']} seed(s), {data['workers']} "
+              f"Ray workers (CPU, shared 2-core machine); mean ± sd over seeds. Held-out: the best trial re-scored on "
+              f"the held-out split. Total wall time {data['wall_s'] / 60:.1f} min (worker start-up "
+              f"{data['worker_startup_s']:.0f}s). The CMA-ES and random rows repeat exactly from run to run; TPE's "
+              f"proposals depend on the order in which asynchronous trials finish, so its row varies between runs.")
+    (out / "bench_search.md").write_text(f"{header}\n\n{md}\n")
+    note = plot(results, data["budget"], out / "bench_search.png")
+    return f"\n{header}\n\n{md}\n\n{note}\nwrote {out}/bench_search.{{md,json}}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
