@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="list the Pareto front (multi-objective studies) and export each trial to OUT/trial-N")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("merge", help="apply a recipe YAML file and write the merged checkpoint")
+    p = sub.add_parser("merge", help="apply an evomerge recipe or a mergekit YAML file and write the merged checkpoint")
     p.add_argument("recipe", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
@@ -160,7 +160,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     if not args.recipe.is_file():
         raise ConfigError(f"recipe {args.recipe}: no such file")
-    recipe = recipe_from_yaml(args.recipe.read_text())
+    from evomerge.mergekit_yaml import is_mergekit_config, load_mergekit_recipe
+
+    text = args.recipe.read_text()
+    recipe = load_mergekit_recipe(text) if is_mergekit_config(text) else recipe_from_yaml(text)
     if isinstance(recipe, Recipe):
         check_recipe(recipe)
     check_out_dir(args.out, args.force)

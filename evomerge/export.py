@@ -59,6 +59,7 @@ def write_recipe_checkpoint(recipe: Recipe | PathRecipe, out: Path, *, card: str
         config, tensors, side_from, plan, extra_files = parts.config, parts.tensors, parts.side_files_from, parts.plan, parts.extra_files
     else:
         config, tensors, side_from = _merged_parts(recipe, allow_pickle)
+        extra_files = _mergekit_files(recipe, allow_pickle)
     out = out.resolve()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -76,6 +77,14 @@ def write_recipe_checkpoint(recipe: Recipe | PathRecipe, out: Path, *, card: str
         shutil.rmtree(out)
     tmp.rename(out)
     return [out / f.name for f in files]
+
+
+def _mergekit_files(recipe: Recipe, allow_pickle: bool) -> dict[str, str]:
+    """mergekit.yaml for recipes mergekit can rebuild (shared methods), so a mergekit user can rerun it."""
+    from evomerge.mergekit_yaml import mergekit_text_for
+
+    text = mergekit_text_for(recipe, Checkpoint.open(recipe.base, allow_pickle=allow_pickle))
+    return {} if text is None else {"mergekit.yaml": text}
 
 
 def _merged_parts(recipe: Recipe, allow_pickle: bool) -> tuple[dict, Iterator[tuple[str, Any]], Path]:

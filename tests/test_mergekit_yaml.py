@@ -203,3 +203,24 @@ def test_export_and_cli_helpers_read_layers_and_dtype_from_the_base(tiny_family)
     short = text.replace("[2, 4]", "[2, 3]")
     with pytest.raises(ConfigError, match="slices cover layers 0 to 3, the base has 4"):
         load_mergekit_recipe(short)
+
+
+def test_cli_merge_accepts_a_mergekit_yaml_and_export_ships_one(tmp_path) -> None:
+    """`evomerge merge` on our exported mergekit.yaml rebuilds exactly the tensors of the recipe."""
+    from safetensors.torch import load_file
+
+    from evomerge.cli import main
+    from evomerge.export import write_recipe_checkpoint
+    from evomerge.recipe import Recipe
+    from tiny_models import save_tiny
+
+    base = save_tiny(tmp_path / "base", "llama", 0)
+    a = save_tiny(tmp_path / "a", "llama", 1, perturb_from=base)
+    b = save_tiny(tmp_path / "b", "llama", 2, perturb_from=base)
+    recipe = Recipe("ties", str(base), (str(a), str(b)),
+                    ({"weight": (1.0, 0.5), "density": (0.6, 0.8)}, {"weight": (0.3, 1.2), "density": (1.0, 0.4)}))
+    write_recipe_checkpoint(recipe, tmp_path / "ours", card="# t\n")
+    assert (tmp_path / "ours" / "mergekit.yaml").is_file()
+    assert main(["merge", str(tmp_path / "ours" / "mergekit.yaml"), "--out", str(tmp_path / "again")]) == 0
+    ours, again = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
