@@ -190,6 +190,8 @@ class WorkersConfig(_Strict):
     n: int = Field(2, ge=1)
     gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs")
     cpus_per_worker: float = Field(1, gt=0)
+    merge_cache: bool = Field(False, description="keep sorted task-vector magnitudes per worker: ~4x faster "
+                              "TIES/Breadcrumbs builds for 8 bytes per parameter per source")
 
 
 class StudyConfig(_Strict):

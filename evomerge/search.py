@@ -90,6 +90,7 @@ def prepare(cfg: StudyConfig, *, new_study: bool = True) -> Prepared:
         dtype=cfg.models.dtype,
         allow_pickle=cfg.models.allow_pickle,
         trust_remote_code=cfg.models.trust_remote_code,
+        merge_cache=cfg.workers.merge_cache,
     )
     return Prepared(cfg, space, setup)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evomerge.build import check_recipe, group_map, merge_named, task_vectors
+from evomerge.build import MergeCache, check_recipe, group_map, merge_named, task_vectors
 from evomerge.checkpoints import Checkpoint, check_mergeable
 from evomerge.errors import ModelError
 from evomerge.path_model import PathModels
@@ -39,6 +39,7 @@ class WorkerSetup:
     threads: int | None = None  # torch intra-op threads on CPU
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    merge_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class CandidateWorker:
         self.live = _live_tensors(self.model, self.base.names)
         self.base_tensors = {n: self.base.tensor(n).to(self.device) for n in self.base.names}
         self.deltas = {n: task_vectors(self.base.tensor(n), [s.tensor(n) for s in sources]).to(self.device) for n in self.base.names}
+        # Sorted |delta| per tensor and source: TIES/Breadcrumbs thresholds become lookups (8 bytes per
+        # entry per source, built on the first candidate that needs it); off by default for large models.
+        self.merge_cache = MergeCache() if setup.merge_cache else None
         self.scorer = LmEvalScorer(setup.tasks, [os.fspath(p) for p in setup.include_paths], batch_size=setup.batch_size, device=str(self.device))
         self._group_maps: dict[int, dict[str, int]] = {}
         # Data-flow candidates: models a path names load on first use; one path-model shell is reused.
@@ -89,7 +93,7 @@ class CandidateWorker:
         spec = check_recipe(recipe)
         groups = self._group_maps.get(recipe.n_groups) or self._group_maps.setdefault(recipe.n_groups, group_map(recipe, self.base))
         for name, target in self.live.items():
-            merged = merge_named(recipe, spec, name, groups[name], self.base_tensors[name], self.deltas[name])
+            merged = merge_named(recipe, spec, name, groups[name], self.base_tensors[name], self.deltas[name], cache=self.merge_cache)
             if not torch.isfinite(merged).all():
                 raise FloatingPointError(f"merged tensor {name!r} has NaN or inf values; the recipe is degenerate")
             target.copy_(merged)

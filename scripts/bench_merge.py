@@ -6,10 +6,12 @@
 A synthetic Llama-shaped model (scripts/make_synthetic_models.py shapes; random weights, nothing is
 downloaded) and three perturbed sources are made in memory. The build is the worker's: base tensors and
 fp32 task vectors resident, `merge_named` per tensor copied into a preallocated output tensor of the
-base's dtype (bf16), with a `MergeCache` (as a worker keeps one) and without. Each candidate draws new
-parameters per layer group, so nothing but the cache carries over; the first cached build also fills
-the cache (reported as "first"). The bound is one pass in the same run that reads every task vector
-once and writes the output (`out.copy_(deltas.sum(0))` per tensor). Times are medians over repeats.
+base's dtype (bf16), with one `MergeCache` for the whole run (as a worker keeps one) and without. Each
+candidate draws new parameters per layer group, so nothing but the cache carries over. "first" is a
+method's first cached build, which fills what that method needs and is not yet there (ties sorts each
+task vector, which breadcrumbs then reuses; della ranks rows). The bound is one pass in the same run
+that reads every task vector once and writes the output (`out.copy_(deltas.sum(0))` per tensor).
+Times are medians over repeats; on a busy machine, `--threads 1` gives steadier numbers.
 
 mergekit column: mergekit 0.1.5's own merge method (the same `merge_method` object mergekit-yaml runs)
 called per tensor on the same in-memory tensors (fp32 base and sources, dtype float32), with each
@@ -69,8 +71,10 @@ def make_inputs(n_params: float, n_sources: int) -> tuple[dict, dict[str, torch.
     config = llama_config(n_params)
     base, deltas = {}, {}
     for name, shape in llama_shapes(config):
-        base[name] = synthetic_tensor(name, shape, 0, torch.bfloat16)
-        deltas[name] = task_vectors(base[name], [synthetic_tensor(name, shape, s, torch.bfloat16) for s in range(1, n_sources + 1)])
+        base32 = synthetic_tensor(name, shape, 0, torch.float32)
+        base[name] = base32.to(torch.bfloat16)
+        sources = [synthetic_tensor(name, shape, s, torch.bfloat16, base32) for s in range(1, n_sources + 1)]
+        deltas[name] = task_vectors(base[name], sources)
     return config, base, deltas
 
 
@@ -100,17 +104,17 @@ def bench_ours(args, config, base, deltas) -> tuple[dict[str, dict[str, float]],
     out = {n: torch.empty_like(t) for n, t in base.items()}
     rng = torch.Generator().manual_seed(0)
     rows, candidates = {}, {}
+    cache = MergeCache()  # one per worker, whatever the method: sorted magnitudes serve ties and breadcrumbs
     for method in args.methods:
         cands = [candidate_params(method, rng, args.sources) for _ in range(args.repeats + 1)]
         candidates[method] = cands
         recipes = [Recipe(method, "base", tuple(f"s{i}" for i in range(args.sources)), tuple(g), seed=1) for g in cands]
-        cache = MergeCache()
         first = time_build(recipes[0], base, deltas, out, groups, cache)
         cached = [time_build(r, base, deltas, out, groups, cache) for r in recipes[1:]]
         plain = [time_build(r, base, deltas, out, groups, None) for r in recipes[1 : 1 + args.uncached_repeats]]
-        rows[method] = {"first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain)}
-        del cache
+        rows[method] = {"first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain) if plain else float("nan")}
         print(f"  {method}: first {first:.2f}s, cached {rows[method]['cached']:.2f}s, uncached {rows[method]['uncached']:.2f}s", flush=True)
+    del cache
     rows["_bound"] = {"bound": statistics.median(time_bound(deltas, out) for _ in range(3))}
     return rows, groups, candidates
 
@@ -120,7 +124,7 @@ def bench_mergekit(args, groups: dict[str, int], candidates: dict[str, list]) ->
             "repeats": args.mergekit_repeats}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
-    cmd = [args.mergekit_python, __file__, "--mergekit-child", f.name]
+    cmd = [args.mergekit_python, __file__, "--mergekit-child", f.name, "--threads", str(torch.get_num_threads())]
     done = subprocess.run(cmd, capture_output=True, text=True)
     Path(f.name).unlink()
     if done.returncode != 0:
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=float, default=2e8, help="model size in parameters (default 2e8)")
     parser.add_argument("--sources", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--repeats", type=int, default=2, help="cached candidates per method after the first (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="cached candidates per method after the first (median)")
     parser.add_argument("--uncached-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--mergekit-python", help="a Python with mergekit 0.1.5 (see the docstring)")

@@ -54,14 +54,18 @@ def llama_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
-def synthetic_tensor(name: str, shape: tuple[int, ...], source: int, dtype: torch.dtype) -> torch.Tensor:
-    """Base weights (source 0) or base + small noise (source k), reproducible from the name alone."""
+def synthetic_tensor(
+    name: str, shape: tuple[int, ...], source: int, dtype: torch.dtype, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Base weights (source 0) or base + small noise (source k), reproducible from the name alone.
+    base: the fp32 base tensor when the caller has it already (saves drawing it again)."""
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    base = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
-    if source:
-        gen.manual_seed(zlib.crc32(name.encode()) + 7919 * source)
-        base += SOURCE_NOISE * torch.randn(shape, generator=gen)
-    return base.to(dtype)
+    if base is None:
+        base = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+    if not source:
+        return base.to(dtype)
+    gen.manual_seed(zlib.crc32(name.encode()) + 7919 * source)
+    return (base + SOURCE_NOISE * torch.randn(shape, generator=gen)).to(dtype)
 
 
 def write_model(folder: Path, config: dict, source: int, dtype: torch.dtype) -> None:

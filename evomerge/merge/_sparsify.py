@@ -87,13 +87,15 @@ class DeltaStats:
         below = int(torch.searchsorted(values, value, right=False))
         return Edge(float(value), below, int(torch.searchsorted(values, value, right=True)) - below)
 
-    def position(self, e: int, edge: Edge, ordinal: int, magnitudes: Tensor | None = None) -> int:
-        """Flat index of the entry of rank edge.below + ordinal: the ordinal-th entry (in index order)
-        whose magnitude is edge.value."""
+    def positions(self, e: int, edge: Edge, ordinals: Sequence[int], magnitudes: Tensor | None = None) -> list[int]:
+        """Flat indices of the entries of rank edge.below + ordinal: the ordinal-th entries (in index
+        order) whose magnitude is edge.value."""
         if self.keep_sorted:
-            return int(self._sorted_of(e)[1][edge.below + ordinal])
+            order = self._sorted_of(e)[1]
+            return [int(order[edge.below + i]) for i in ordinals]
         magnitudes = self.flat(e).float().abs() if magnitudes is None else magnitudes
-        return int((magnitudes == edge.value).nonzero()[ordinal])
+        where = (magnitudes == edge.value).nonzero().squeeze(1)
+        return [int(where[i]) for i in ordinals]
 
     def _sorted_of(self, e: int) -> tuple[Tensor, Tensor]:
         if self._sorted[e] is None:  # non-negative floats sort like their int32 bit patterns, which sort faster
@@ -243,8 +245,10 @@ def _cuts(stats: DeltaStats, e: int, edge: Edge, first: int, last: int, side: st
     """The index range of the entries equal to edge.value with ordinals first .. last - 1."""
     if last <= first or edge.value <= 0:
         return []
-    start = stats.position(e, edge, first, magnitudes) if first > 0 else 0
-    stop = stats.position(e, edge, last - 1, magnitudes) + 1 if last < edge.equal else stats.deltas[e].numel()
+    wanted = [i for i, needed in ((first, first > 0), (last - 1, last < edge.equal)) if needed]
+    found = dict(zip(wanted, stats.positions(e, edge, wanted, magnitudes))) if wanted else {}
+    start = found.get(first, 0) if first > 0 else 0
+    stop = found[last - 1] + 1 if last < edge.equal else stats.deltas[e].numel()
     return [Cut(edge.value, start, stop, side)]
 
 
