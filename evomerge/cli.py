@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from evomerge.errors import EvomergeError
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -20,20 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 -- only our own one-line errors are caught; others re-raise
-        if not _is_user_error(exc):
-            raise
+    except EvomergeError as exc:  # our own one-line errors (config, models, tasks, studies); others re-raise
         print(f"evomerge: {exc}", file=sys.stderr)
         return 2
-
-
-def _is_user_error(exc: Exception) -> bool:
-    from evomerge.errors import EvomergeError
-
-    if isinstance(exc, EvomergeError):
-        return True
-    names = {"MergeParamError", "UnknownTaskError"}  # raised by evomerge.merge and evomerge.scoring
-    return type(exc).__name__ in names
 
 
 def _parser() -> argparse.ArgumentParser:

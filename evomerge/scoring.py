@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from evomerge.errors import ConfigError
+
 if TYPE_CHECKING:  # lm_eval is a heavy import (seconds): keep it off the CLI/config fast paths
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -54,7 +56,7 @@ class TaskSpec:
         return self.fitness_split if which == "fitness" else self.heldout_split
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(ConfigError):
     """A task name that no include path and no lm-eval default registers."""
 
 
