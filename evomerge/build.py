@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from evomerge.checkpoints import Checkpoint, TensorInfo, check_mergeable, dtype_of
-from evomerge.layout import LayerGroups, group_of_each, num_layers
+from evomerge.layout import LayerGroups, group_of_each, num_layers, tensor_kind
 from evomerge.merge import DeltaStats, MethodSpec, get_method, merge_tensor
 from evomerge.recipe import Recipe
 
@@ -88,7 +88,10 @@ def check_recipe(recipe: Recipe) -> MethodSpec:
 
 
 def group_map(recipe: Recipe, base: Checkpoint) -> dict[str, int]:
-    return group_of_each(base.names, LayerGroups(num_layers(base.config), recipe.n_groups))
+    """Index into `recipe.groups` for every tensor: its layer group's parameters, and within the layer
+    group its tensor kind's when the recipe has kinds (`Recipe.slot`)."""
+    layer_groups = group_of_each(base.names, LayerGroups(num_layers(base.config), recipe.n_groups))
+    return {name: recipe.slot(g, tensor_kind(name)) for name, g in layer_groups.items()}
 
 
 def stream_merge(recipe: Recipe, *, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:

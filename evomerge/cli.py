@@ -59,10 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="evaluate this many more candidates (default: finish the stored budget)")
     p.set_defaults(func=_cmd_resume)
 
-    p = sub.add_parser("export", help="write a trial's merge as an HF checkpoint folder")
+    p = sub.add_parser("export", help="write a trial's merge as an HF checkpoint folder, or as a mergekit YAML")
     p.add_argument("study", help="study name")
     p.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///evomerge.db")
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (must not exist or be empty); with --format mergekit, a .yaml file or a folder for mergekit.yaml")
+    p.add_argument("--format", choices=["checkpoint", "mergekit"], default="checkpoint",
+                   help="checkpoint: weights, recipe.yaml, model card (+ mergekit.yaml where expressible); "
+                        "mergekit: only the mergekit-yaml config, no weights built")
     p.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--pareto", action="store_true",
@@ -130,6 +134,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from evomerge.export import check_out_dir, export_trial
     from evomerge.study import StudyStore
 
+    if args.format == "mergekit":
+        return _export_mergekit(args)
     check_out_dir(args.out, args.force)
     store = StudyStore.open(args.storage, args.study)
     numbers = [t.number for t in store.pareto_front()] if args.pareto else [args.trial]
@@ -139,6 +145,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
         scores = store.trial(result.trial).user_attrs.get("scores.fitness", {})
         shown = " ".join(f"{k}={v:.3f}" for k, v in scores.items())
         print(f"exported trial {result.trial} ({shown}) to {result.out} ({len(result.files)} weight file(s), recipe.yaml, README.md)")
+    return 0
+
+
+def _export_mergekit(args: argparse.Namespace) -> int:
+    from evomerge.errors import ConfigError
+    from evomerge.export import export_mergekit
+    from evomerge.study import StudyStore
+
+    if args.pareto and args.out.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"--out {args.out}: with --pareto, give a folder (each trial goes to OUT/trial-N/mergekit.yaml)")
+    store = StudyStore.open(args.storage, args.study)
+    numbers = [t.number for t in store.pareto_front()] if args.pareto else [args.trial]
+    jobs = [(n, args.out / f"trial-{n}" if args.pareto else args.out) for n in numbers]
+    for result in export_mergekit(store, jobs, force=args.force):
+        print(f"exported trial {result.trial} as mergekit YAML to {result.out} (no weights; mergekit-yaml builds them)")
     return 0
 
 

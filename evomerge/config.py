@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import ConfigError
 from evomerge.paths import EVALUATORS_DIR, SEARCH_SPACES_DIR
+from evomerge.recipe import OTHER, SPLIT_KINDS as SPLIT_TENSOR_KINDS
 
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
 
@@ -97,6 +98,33 @@ class ParameterSpaceConfig(_Strict):
     layer_groups: int = Field(1, ge=1, description="1 = one set of parameters for the whole model")
     params: dict[str, Bound] = Field(default_factory=dict, description="searched parameters and bounds")
     fixed: dict[str, float] = Field(default_factory=dict, description="parameters held at a value")
+    tensor_kinds: bool | list[str] = Field(
+        False, description="separate parameters per tensor kind within each layer group: true = attention, mlp "
+        "and other; or the kinds to split out, e.g. [attention] (every other tensor shares 'other')"
+    )
+
+    @field_validator("tensor_kinds")
+    @classmethod
+    def _split_kinds(cls, kinds: bool | list[str]) -> bool | list[str]:
+        if isinstance(kinds, bool):
+            return kinds
+        if not kinds:
+            raise ValueError("is empty; list attention and/or mlp, or write true for both, or false for none")
+        for kind in kinds:
+            if kind not in SPLIT_TENSOR_KINDS:
+                raise ValueError(
+                    f"{kind!r} is not a kind to split out; use attention and/or mlp (every other tensor, "
+                    "norms, embeddings and head included, shares the parameters of 'other')"
+                )
+        if len(set(kinds)) < len(kinds):
+            raise ValueError(f"{kinds} lists a kind twice; list each kind once")
+        return kinds
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The recipe's kinds: the split-out kinds in canonical order, then 'other'; () when not split."""
+        chosen = SPLIT_TENSOR_KINDS if self.tensor_kinds is True else self.tensor_kinds or ()
+        return tuple(k for k in SPLIT_TENSOR_KINDS if k in chosen) + (OTHER,) if chosen else ()
 
 
 class LayerSwapSpaceConfig(_Strict):

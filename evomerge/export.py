@@ -1,4 +1,5 @@
-"""Export a trial's recipe as a Hugging Face checkpoint folder, with its recipe YAML and a model card.
+"""Export a trial's recipe as a Hugging Face checkpoint folder, with its recipe YAML and a model card,
+or (`export_mergekit`) as a mergekit-yaml config alone, without building weights.
 
 The merge streams tensor by tensor from the memory-mapped sources through the same `merge_named` the
 workers use, so the exported weights equal the ones the trial was scored with. The folder is written
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,55 @@ def export_trial(store: StudyStore, number: int | None, out: Path, *, force: boo
     card = model_card(recipe, store.study.study_name, trial, store.heldout(trial.number))
     files = write_recipe_checkpoint(recipe, out, card=card)
     return Exported(out=out, trial=trial.number, files=files)
+
+
+def mergekit_target(out: Path) -> Path:
+    """Where `export --format mergekit` writes: OUT itself when it ends in .yaml/.yml, else OUT/mergekit.yaml."""
+    return out if out.suffix in (".yaml", ".yml") else out / "mergekit.yaml"
+
+
+def export_mergekit(store: StudyStore, jobs: Sequence[tuple[int | None, Path]], *, force: bool = False) -> list[Exported]:
+    """Write trials' recipes as mergekit YAML only (no weights): each (trial number, out) pair to
+    `mergekit_target(out)`; trial None is the best.
+
+    Every trial is checked before anything is written: a one-line ConfigError, with nothing written,
+    when a target exists (without `force`) or a recipe has no mergekit form (consensus, a scaled
+    data-flow path, kinds no filter separates).
+    """
+    planned = []
+    for number, out in jobs:
+        trial = store.trial(number)
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            raise ConfigError(f"trial {trial.number} is {trial.state.name}, not COMPLETE; export a completed trial")
+        target = mergekit_target(out)
+        if target.parent.exists() and not target.parent.is_dir():
+            raise ConfigError(f"--out {out}: is a file; give a folder, or a path ending in .yaml")
+        if target.exists() and not force:
+            raise ConfigError(f"--out {target}: already exists; choose another path or pass --force")
+        try:
+            text = mergekit_text_of(StudyStore.recipe_of(trial))
+        except ConfigError as exc:
+            raise ConfigError(f"trial {trial.number} has no mergekit form: {exc}; export it with --format checkpoint") from None
+        planned.append((trial.number, target, text))
+    for number, target, text in planned:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return [Exported(out=target, trial=number, files=[target]) for number, target, _ in planned]
+
+
+def mergekit_text_of(recipe: Recipe | PathRecipe, *, allow_pickle: bool = False) -> str:
+    """The mergekit YAML of a merge or path recipe, read against its base's header; ConfigError without one."""
+    if isinstance(recipe, PathRecipe):
+        from evomerge.path_export import path_to_mergekit
+
+        config = Checkpoint.open(recipe.models[recipe.embed_from], allow_pickle=allow_pickle).config
+        text = path_to_mergekit(recipe, config)
+        if text is None:
+            raise ConfigError("a path with scaled slots cannot be written as a mergekit passthrough")
+        return text
+    from evomerge.mergekit_yaml import mergekit_text
+
+    return mergekit_text(recipe, Checkpoint.open(recipe.base, allow_pickle=allow_pickle))
 
 
 def write_recipe_checkpoint(recipe: Recipe | PathRecipe, out: Path, *, card: str, allow_pickle: bool = False) -> list[Path]:
@@ -140,7 +190,8 @@ def _card_description(recipe: Recipe | PathRecipe) -> list[str]:
         from evomerge.path_export import path_card_lines
 
         return path_card_lines(recipe)
-    return [f"Built by evomerge with `{recipe.method}` from base `{recipe.base}` and sources:", *[f"- `{s}`" for s in recipe.sources]]
+    kinds = ["", f"Parameters differ by tensor kind ({', '.join(recipe.kinds)}) within each layer group."] if recipe.kinds else []
+    return [f"Built by evomerge with `{recipe.method}` from base `{recipe.base}` and sources:", *[f"- `{s}`" for s in recipe.sources], *kinds]
 
 
 def _heldout_cell(heldout: dict | None, task: str) -> str:

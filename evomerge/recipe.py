@@ -3,6 +3,12 @@
 It names the method, the base and source models, and the method's parameters for each layer group
 (per-model parameters as one value per source, global parameters as one float). Random methods draw
 from a generator seeded by `seed` and the tensor's name, so a recipe rebuilds the same tensors anywhere.
+
+Per tensor kind. With `kinds` (e.g. `("attention", "mlp", "other")`) each layer group has one parameter
+mapping per kind, and `groups` holds them flat, layer group major: `groups[g * len(kinds) + k]`. The last
+kind is always "other": every tensor whose kind is not listed before it (norms, embeddings, head, and
+MLP tensors when only attention is split out). In YAML a split recipe lists `kinds:` and writes each
+group as `{attention: {...}, mlp: {...}, other: {...}}`; a recipe without `kinds` reads and writes as before.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import yaml
 from evomerge.errors import ConfigError
 
 ParamValue = float | tuple[float, ...]
+SPLIT_KINDS = ("attention", "mlp")  # kinds that can have their own parameters; "other" takes the rest
+OTHER = "other"
+_KEYS = ("method", "base", "sources", "seed", "dtype", "kinds", "groups")
 
 
 @dataclass(frozen=True)
@@ -23,31 +32,60 @@ class Recipe:
     method: str
     base: str
     sources: tuple[str, ...]
-    groups: tuple[Mapping[str, ParamValue], ...]  # one parameter mapping per layer group, in layer order
+    groups: tuple[Mapping[str, ParamValue], ...]  # per layer group (x per kind when `kinds`), in layer order
     seed: int = 0
     dtype: str = "auto"
+    kinds: tuple[str, ...] = ()  # () = one mapping per layer group for every tensor
+
+    def __post_init__(self) -> None:
+        if self.kinds:
+            check_kinds(self.kinds, "recipe error: kinds")
+        if not self.groups:
+            raise ConfigError("recipe error: groups is empty; give one parameter mapping per layer group")
+        if len(self.groups) % max(1, len(self.kinds)):
+            raise ConfigError(
+                f"recipe error: {len(self.groups)} parameter groups for {len(self.kinds)} kinds; "
+                "give one mapping per kind in every layer group"
+            )
 
     @property
     def n_groups(self) -> int:
-        return len(self.groups)
+        """The number of layer groups."""
+        return len(self.groups) // max(1, len(self.kinds))
+
+    def slot(self, layer_group: int, kind: str) -> int:
+        """Index into `groups` of the parameters for tensors of `kind` (a `layout.tensor_kind`) in `layer_group`."""
+        if not self.kinds:
+            return layer_group
+        k = self.kinds.index(kind) if kind in self.kinds else len(self.kinds) - 1
+        return layer_group * len(self.kinds) + k
+
+    def layer_group(self, g: int) -> tuple[Mapping[str, ParamValue], ...]:
+        """The parameter mappings of layer group `g`, one per kind (one in all when the recipe has no kinds)."""
+        width = max(1, len(self.kinds))
+        return self.groups[g * width:(g + 1) * width]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "base": self.base,
-            "sources": list(self.sources),
-            "seed": self.seed,
-            "dtype": self.dtype,
-            "groups": [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in self.groups],
-        }
+        out: dict[str, Any] = {"method": self.method, "base": self.base, "sources": list(self.sources), "seed": self.seed, "dtype": self.dtype}
+        if not self.kinds:
+            out["groups"] = [_group_to_dict(g) for g in self.groups]
+            return out
+        out["kinds"] = list(self.kinds)
+        out["groups"] = [
+            {kind: _group_to_dict(p) for kind, p in zip(self.kinds, self.layer_group(g))} for g in range(self.n_groups)
+        ]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        unknown = set(data) - {"method", "base", "sources", "seed", "dtype", "groups"}
+        unknown = set(data) - set(_KEYS)
         if unknown:
-            raise ConfigError(f"recipe error: unknown key {sorted(unknown)[0]!r}; allowed: method, base, sources, seed, dtype, groups")
+            raise ConfigError(f"recipe error: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(_KEYS)}")
         try:
-            groups = tuple(_group_from_dict(g) for g in data["groups"])
+            kinds = tuple(str(k) for k in data.get("kinds") or ())
+            if kinds:
+                check_kinds(kinds, "recipe error: kinds")
+            groups = _groups_from_dict(data["groups"], kinds)
             return cls(
                 method=str(data["method"]),
                 base=str(data["base"]),
@@ -55,6 +93,7 @@ class Recipe:
                 groups=groups,
                 seed=int(data.get("seed", 0)),
                 dtype=str(data.get("dtype", "auto")),
+                kinds=kinds,
             )
         except KeyError as exc:
             raise ConfigError(f"recipe error: required key {exc.args[0]!r} is missing") from None
@@ -68,6 +107,33 @@ class Recipe:
         if not isinstance(data, Mapping):
             raise ConfigError("recipe error: expected a mapping with method, base, sources, groups")
         return cls.from_dict(data)
+
+
+def check_kinds(kinds: Sequence[str], where: str) -> None:
+    """Kinds are some of attention, mlp, in that order, then other (one-line ConfigError otherwise)."""
+    kinds = tuple(kinds)
+    split = kinds[:-1]
+    if kinds[-1:] != (OTHER,) or not split or split != tuple(k for k in SPLIT_KINDS if k in split):
+        raise ConfigError(
+            f"{where} = {list(kinds)}; write attention and/or mlp, in that order, then other "
+            "(other: every tensor of a kind not listed), e.g. [attention, mlp, other]"
+        )
+
+
+def _group_to_dict(group: Mapping[str, ParamValue]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+
+
+def _groups_from_dict(groups: Any, kinds: tuple[str, ...]) -> tuple[dict[str, ParamValue], ...]:
+    if not kinds:
+        return tuple(_group_from_dict(g) for g in groups)
+    out = []
+    for index, group in enumerate(groups):
+        if not isinstance(group, Mapping) or sorted(group) != sorted(kinds):
+            got = sorted(group) if isinstance(group, Mapping) else group
+            raise ConfigError(f"recipe error: groups[{index}] has kinds {got}; with kinds: {list(kinds)} give one parameter mapping per kind")
+        out += [_group_from_dict(group[kind]) for kind in kinds]
+    return tuple(out)
 
 
 def _group_from_dict(group: Mapping[str, Any]) -> dict[str, ParamValue]:

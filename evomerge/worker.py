@@ -71,7 +71,7 @@ class CandidateWorker:
         # entry per source, built on the first candidate that needs it); off by default for large models.
         self.merge_cache = MergeCache() if setup.merge_cache else None
         self.scorer = LmEvalScorer(setup.tasks, [os.fspath(p) for p in setup.include_paths], batch_size=setup.batch_size, device=str(self.device))
-        self._group_maps: dict[int, dict[str, int]] = {}
+        self._group_maps: dict[tuple[int, tuple[str, ...]], dict[str, int]] = {}
         # Data-flow candidates: models a path names load on first use; one path-model shell is reused.
         self.paths = PathModels(self.device, _DTYPES.get(setup.dtype, "auto"), allow_pickle=setup.allow_pickle,
                                 trust_remote_code=setup.trust_remote_code)
@@ -91,7 +91,8 @@ class CandidateWorker:
             self._path_model = self.paths.build(recipe), self.paths.tokenizer(recipe)
             return time.perf_counter() - started
         spec = check_recipe(recipe)
-        groups = self._group_maps.get(recipe.n_groups) or self._group_maps.setdefault(recipe.n_groups, group_map(recipe, self.base))
+        key = (recipe.n_groups, recipe.kinds)  # a group map depends on nothing else in the recipe
+        groups = self._group_maps.get(key) or self._group_maps.setdefault(key, group_map(recipe, self.base))
         for name, target in self.live.items():
             merged = merge_named(recipe, spec, name, groups[name], self.base_tensors[name], self.deltas[name], cache=self.merge_cache)
             if not torch.isfinite(merged).all():

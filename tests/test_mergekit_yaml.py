@@ -19,6 +19,7 @@ from evomerge.mergekit_yaml import (
     is_mergekit_config,
     layer_ranges,
     load_mergekit_recipe,
+    mergekit_text,
     mergekit_text_for,
     recipe_from_mergekit,
     recipe_to_mergekit,
@@ -110,8 +111,8 @@ def test_linear_weights_above_one_keep_their_ratios() -> None:
 REFUSALS = [
     ("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: 1, density: [0.2, 0.8]}}]",
      r"parameters.density = \[0.2, 0.8\] is a gradient .*use slices: with one number per slice"),
-    ("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: [{filter: mlp, value: 0.5}, {value: 1}]}}]",
-     r"uses filter: conditions"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: [{filter: embed_tokens, value: 0.5}, {value: 1}]}}]",
+     r"filter = 'embed_tokens'; evomerge takes parameters per tensor kind"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: S}]\nparamters: {lambda: 1}",
      r"key 'paramters' is not supported \(did you mean 'parameters'\?\)"),
     ("merge_method: ties\nbase_model: B\nmodules: {}", r"key 'modules' is not supported"),
@@ -200,6 +201,8 @@ def test_export_and_cli_helpers_read_layers_and_dtype_from_the_base(tiny_family)
     assert is_mergekit_config(text) and not is_mergekit_config(recipe.to_yaml()) and not is_mergekit_config("a: [")
     assert load_mergekit_recipe(text) == Recipe("ties", base, sources, recipe.groups, dtype="float32")
     assert mergekit_text_for(Recipe("consensus", base, sources, ({},)), Checkpoint.open(base)) is None
+    with pytest.raises(ConfigError, match="consensus merging has no mergekit counterpart"):
+        mergekit_text(Recipe("consensus", base, sources, ({},)), Checkpoint.open(base))
     short = text.replace("[2, 4]", "[2, 3]")
     with pytest.raises(ConfigError, match="slices cover layers 0 to 3, the base has 4"):
         load_mergekit_recipe(short)

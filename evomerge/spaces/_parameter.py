@@ -2,7 +2,9 @@
 
 Genes are named `g<group>.<param>.<model>` for per-model parameters (weight, density) and
 `g<group>.<param>` for global ones (lambda_, epsilon); with several methods a categorical `method` gene
-picks one, and parameters the picked method does not take are ignored.
+picks one, and parameters the picked method does not take are ignored. With `tensor_kinds`, each layer
+group has a set per tensor kind, named `g<group>.<kind>.<param>[.<model>]` (kinds: attention, mlp,
+other; `other` covers every tensor of a kind not split out: norms, embeddings, head).
 """
 
 from __future__ import annotations
@@ -33,32 +35,37 @@ class ParameterSpace:
         if not self.genes:
             raise ConfigError("config error: search_space.params is empty; list at least one parameter to search, e.g. density: {low: 0.1, high: 1.0}")
 
+    def _slots(self) -> list[str]:
+        """Gene-name prefixes, one per parameter set, in `Recipe.groups` order: `g0`, ... or `g0.attention`, ..."""
+        kinds = self.cfg.kinds
+        return [f"g{g}.{kind}" if kinds else f"g{g}" for g in range(self.cfg.layer_groups) for kind in kinds or ("",)]
+
     def _make_genes(self) -> list[Gene]:
         genes = []
         if len(self.specs) > 1:
             genes.append(Gene("method", choices=tuple(self.specs), default=next(iter(self.specs))))
-        for g in range(self.cfg.layer_groups):
+        for slot in self._slots():
             for pname, bound in self.cfg.params.items():
                 p = self.param_specs[pname]
                 default = min(max(p.default, bound.low), bound.high)
-                names = [f"g{g}.{pname}.{label}" for label in self.labels] if p.per_model else [f"g{g}.{pname}"]
+                names = [f"{slot}.{pname}.{label}" for label in self.labels] if p.per_model else [f"{slot}.{pname}"]
                 genes += [Gene(n, bound.low, bound.high, default) for n in names]
         return genes
 
     def decode(self, values: Mapping[str, float | str]) -> Recipe:
         method = str(values.get("method", next(iter(self.specs))))
         spec = self.specs[method]
-        groups = tuple(self._group_params(spec, g, values) for g in range(self.cfg.layer_groups))
-        return Recipe(method=method, base=self.base, sources=self.sources, groups=groups, seed=self.seed)
+        groups = tuple(self._group_params(spec, slot, values) for slot in self._slots())
+        return Recipe(method=method, base=self.base, sources=self.sources, groups=groups, seed=self.seed, kinds=self.cfg.kinds)
 
-    def _group_params(self, spec: MethodSpec, g: int, values: Mapping[str, float | str]) -> dict[str, ParamValue]:
+    def _group_params(self, spec: MethodSpec, slot: str, values: Mapping[str, float | str]) -> dict[str, ParamValue]:
         out: dict[str, ParamValue] = {}
         for p in spec.params:
             if p.name in self.cfg.params:
                 if p.per_model:
-                    out[p.name] = tuple(float(values[f"g{g}.{p.name}.{label}"]) for label in self.labels)
+                    out[p.name] = tuple(float(values[f"{slot}.{p.name}.{label}"]) for label in self.labels)
                 else:
-                    out[p.name] = float(values[f"g{g}.{p.name}"])
+                    out[p.name] = float(values[f"{slot}.{p.name}"])
             elif p.name in self.cfg.fixed:
                 value = float(self.cfg.fixed[p.name])
                 out[p.name] = tuple([value] * len(self.labels)) if p.per_model else value
