@@ -126,7 +126,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _print_summary(summary, storage: str) -> None:
     heldout = "" if summary.best_heldout is None else f", held-out {summary.best_heldout:.4f}"
     best = "none" if summary.best_fitness is None else f"trial {summary.best_number}, fitness {summary.best_fitness:.4f}{heldout}"
-    print(f"done: {summary.trials}/{summary.budget} candidates ({summary.failed} failed) in {summary.wall_s:.0f}s; best: {best}")
+    pruned = f", {summary.pruned} held back after the first pass" if summary.pruned else ""
+    print(f"done: {summary.trials}/{summary.budget} candidates ({summary.failed} failed{pruned}) in {summary.wall_s:.0f}s; best: {best}")
     print(f"export it: evomerge export {summary.study} --storage {storage} --out DIR")
 
 

@@ -168,11 +168,24 @@ class TaskConfig(_Strict):
     heldout_split: str = "heldout"
 
 
+class FirstPassConfig(_Strict):
+    """Multi-fidelity: each candidate is first scored on the first `fraction` of every task's fitness
+    examples; it is scored in full only when that first-pass fitness reaches the top `promote` share of
+    earlier candidates' first passes. The rest are recorded as PRUNED trials with their first-pass fitness,
+    which is also what the optimizer is told."""
+
+    fraction: float = Field(0.25, gt=0, lt=1, description="share of each task's fitness examples in the first pass")
+    promote: float = Field(0.5, gt=0, le=1, description="share of candidates (by first-pass fitness) scored in full")
+    warmup: int | None = Field(None, ge=1, description="Optuna samplers: candidates scored in full before any is "
+                               "held back (default: 2 x workers); CMA-ES scores its first generations in full")
+
+
 class EvaluationConfig(_Strict):
     tasks: list[TaskConfig] = Field(min_length=1)
     include_paths: list[str] = Field(default_factory=lambda: [str(EVALUATORS_DIR)])
     batch_size: int = Field(64, ge=1)
     heldout_top_k: int = Field(3, ge=0, description="best trials re-scored on the held-out split")
+    first_pass: FirstPassConfig | None = Field(None, description="multi-fidelity: a cheap first pass, full scoring for the promising")
 
     @field_validator("tasks")
     @classmethod
@@ -195,6 +208,10 @@ class OptimizerConfig(_Strict):
     kind: Literal["cmaes", "random", "tpe", "gp", "nsga2", "optuna_cmaes", "optuna_random"] = "cmaes"
     popsize: int | None = Field(None, ge=2, description="default: CMA-ES's 4 + 3 ln(n_genes)")
     sigma0: float = Field(0.25, gt=0, le=1, description="initial step size in the unit cube of genes")
+    lookahead: int | None = Field(
+        None, ge=0, description="candidates of the next generation asked early, for workers that would wait on "
+        "the slowest of this one (cmaes, random); default: popsize // 2 with several workers, 0 with one"
+    )
     seed: int = 0
     objectives: Literal["fitness", "per_task"] = Field(
         "fitness", description="per_task: a multi-objective study, one objective per task (Optuna samplers)"
@@ -239,6 +256,13 @@ class StudyConfig(_Strict):
         if isinstance(space, dict) and "kind" not in space:
             return {**data, "search_space": {"kind": "parameter", **space}}
         return data
+
+    @model_validator(mode="after")
+    def _first_pass_needs_one_objective(self) -> StudyConfig:
+        if self.evaluation.first_pass is not None and self.optimizer.objectives == "per_task":
+            raise ValueError("evaluation.first_pass needs optimizer.objectives = fitness (Optuna cannot prune "
+                             "multi-objective trials); remove first_pass or set objectives: fitness")
+        return self
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
         """A copy with dotted-path overrides, e.g. `{"budget.trials": 8}`; None values are skipped."""

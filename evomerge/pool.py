@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.recipe import Recipe
-from evomerge.worker import CandidateResult, CandidateWorker, WorkerSetup
+from evomerge.worker import CandidateResult, CandidateWorker, FirstPass, WorkerSetup
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Job:
     recipe: Recipe
     split: str = "fitness"
     attempt: int = 0
+    first_pass: FirstPass | None = None  # multi-fidelity: see CandidateWorker.evaluate
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class WorkerPool:
                 if job is None:
                     return
                 slot = idle.pop()
-                in_flight[self.actors[slot].evaluate.remote(job.recipe, job.split)] = (job, slot)
+                args = (job.recipe, job.split) if job.first_pass is None else (job.recipe, job.split, job.first_pass)
+                in_flight[self.actors[slot].evaluate.remote(*args)] = (job, slot)
 
         fill()
         while in_flight:

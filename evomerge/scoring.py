@@ -134,8 +134,10 @@ class LmEvalScorer:
             self._splits = {split: _load_split(manager, self.specs, split) for split in SPLITS}
         self._lm: Any = None  # HFLM around the model last scored
 
-    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split) -> dict[str, float]:
-        """task name -> metric value on that split, computed afresh from the model's current weights."""
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
+              fraction: float = 1.0) -> dict[str, float]:
+        """task name -> metric value on that split, computed afresh from the model's current weights;
+        `fraction` < 1 scores only the first part of each task's examples (a multi-fidelity first pass)."""
         from lm_eval.evaluator import evaluate
 
         if split not in SPLITS:
@@ -146,7 +148,7 @@ class LmEvalScorer:
             task.set_fewshot_seed(seed=_FEWSHOT_SEED)
         with _lm_eval_log_level(logging.WARNING), _no_request_progress_bars():
             results = evaluate(
-                lm=lm, task_dict=tasks.task_dict, samples=self._samples(tasks), bootstrap_iters=0, log_samples=False
+                lm=lm, task_dict=tasks.task_dict, samples=self._samples(tasks, fraction), bootstrap_iters=0, log_samples=False
             )
         return {spec.name: _metric(results["results"], spec, split) for spec in self.specs}
 
@@ -171,14 +173,19 @@ class LmEvalScorer:
         model.eval()
         return self._lm
 
-    def _samples(self, tasks: _SplitTasks) -> dict[str, list[int]]:
-        """Per-task limits as lm-eval `samples` (the first `limit` doc indices): evaluate() has one global limit."""
-        return {
-            task.task_name: list(range(min(spec.limit, len(task.eval_docs))))
-            for spec in self.specs
-            if spec.limit is not None
-            for task in tasks.leaves[spec.name]
-        }
+    def _samples(self, tasks: _SplitTasks, fraction: float = 1.0) -> dict[str, list[int]]:
+        """Per-task limits as lm-eval `samples` (the first doc indices): evaluate() has one global limit.
+        A first pass takes the first `fraction` of those (at least one example)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction = {fraction}; must be in (0, 1]")
+        samples = {}
+        for spec in self.specs:
+            if spec.limit is None and fraction == 1:
+                continue
+            for task in tasks.leaves[spec.name]:
+                n = len(task.eval_docs) if spec.limit is None else min(spec.limit, len(task.eval_docs))
+                samples[task.task_name] = list(range(max(1, math.ceil(fraction * n))))
+        return samples
 
 
 def _check_specs(specs: Sequence[TaskSpec]) -> None:

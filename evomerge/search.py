@@ -33,9 +33,9 @@ from evomerge.optimize import Controller, loads, make_controller
 from evomerge.pool import Job, JobFailure, WorkerPool, from_queue, start_ray
 from evomerge.scoring import TaskSpec, check_tasks
 from evomerge.spaces import SearchSpace, build_space, decode_unit
-from evomerge.study import MAX_ATTEMPTS, StudyStore, check_storage_url, fitness_of, study_names
+from evomerge.study import FIRST_PASS_ATTR, MAX_ATTEMPTS, StudyStore, check_storage_url, fitness_of, study_names
 from evomerge.trial_models import materialize_trial_models
-from evomerge.worker import CandidateResult, CandidateWorker, WorkerSetup
+from evomerge.worker import CandidateResult, CandidateWorker, FirstPass, WorkerSetup
 
 Progress = Callable[[str], None]
 
@@ -55,6 +55,7 @@ class SearchSummary:
     budget: int = 0
     trials: int = 0  # candidates with a final outcome, resumed ones included
     failed: int = 0
+    pruned: int = 0  # held back after a multi-fidelity first pass
     best_number: int | None = None
     best_fitness: float | None = None
     best_heldout: float | None = None
@@ -147,6 +148,21 @@ def _drive(prepared: Prepared, store: StudyStore, controller: Controller | None,
     return run.summary
 
 
+@dataclass
+class _Generation:
+    """One generation in flight: its candidates so far, their outcomes, and what is left to hand out."""
+
+    number: int
+    xs: list[np.ndarray]
+    size: int  # popsize, or fewer when the budget ends inside this generation
+    fitness: dict[int, float | None] = field(default_factory=dict)  # candidate -> outcome (None: failed)
+    queue: deque[tuple[int, int]] = field(default_factory=deque)  # (candidate, attempt) not yet dispatched
+
+    @property
+    def complete(self) -> bool:
+        return len(self.fitness) == self.size
+
+
 class SearchRun:
     """The controller loop of one search process: the only writer of the study."""
 
@@ -155,6 +171,7 @@ class SearchRun:
         self.store, self.controller, self.pool, self.progress = store, controller, pool, progress
         self.distributions = {g.name: g.distribution() for g in self.space.genes}
         self.outcomes = store.candidate_outcomes()  # (generation, candidate) -> fitness | None
+        self.first_passes = store.first_passes()  # (generation, candidate) -> first-pass fitness
         self.artifact_dir = _artifact_dir(self.cfg.storage, progress)
         self.summary = SearchSummary(study=self.cfg.name, storage=self.cfg.storage, budget=self.cfg.budget.trials)
         self._note_previous()
@@ -168,19 +185,80 @@ class SearchRun:
             self.summary.best_number, self.summary.best_fitness = best.number, fitness_of(best)
 
     def generations(self, generation: int) -> None:
-        while True:
-            self.store.save_controller(generation, self.controller.dumps())
-            before = sum(1 for (g, _) in self.outcomes if g < generation)
-            n = min(self.controller.popsize, self.cfg.budget.trials - before)
-            if n <= 0:
-                return
-            xs = self.controller.ask()
-            fitness = self._run_generation(generation, xs[:n])
-            if n < self.controller.popsize:
-                return  # a truncated last generation is scored but not told; resume can complete it
-            self.controller.tell(xs, fitness)
-            self._record_history(generation, fitness)
-            generation += 1
+        """Our controllers: generations told whole and in order; workers that would wait for the slowest
+        candidates of one generation take the early candidates of the next (the controller's lookahead).
+
+        At most two generations are in flight. The optimizer is checkpointed when a generation opens,
+        before it is asked; a truncated last generation (the budget ends inside it) is scored, not told.
+        """
+        current = self._open(generation)
+        following = self._following(current)
+
+        def next_job() -> Job | None:
+            for gen in (current, following):
+                if gen is not None and gen.queue:
+                    index, attempt = gen.queue.popleft()
+                    return self._job(gen.number, index, gen.xs[index], attempt)
+            return None
+
+        def advance() -> bool:
+            """Tell every finished generation and open the next; False when the search is over."""
+            nonlocal current, following
+            while current is not None and current.complete:
+                if current.size < self.controller.popsize:
+                    return False  # scored, not told: resume (with more trials) completes and tells it
+                fitness = [current.fitness[i] for i in range(current.size)]
+                self.controller.tell(current.xs, fitness)
+                self._record_history(current.number, fitness)
+                current = self._open(current.number + 1, following)
+                following = self._following(current)
+            return current is not None
+
+        if not advance():
+            return
+        for job, outcome in self.pool.run(next_job):
+            number, index, _, trial = job.key
+            gen = current if number == current.number else following
+            if not isinstance(outcome, JobFailure):
+                gen.fitness[index] = outcome.fitness
+                self._completed(number, index, trial, outcome)
+            elif self._failed(job, trial, outcome):
+                gen.queue.append((index, job.attempt + 1))
+            else:
+                gen.fitness[index] = None
+            if not advance():
+                return  # nothing is in flight: the last generation was the only one open
+
+    def _open(self, number: int, early: _Generation | None = None) -> _Generation | None:
+        """Checkpoint the optimizer, then ask generation `number` (None once the budget is spent).
+
+        `early` holds the candidates of this generation that were asked (and maybe dispatched or done)
+        when the previous one opened; the rest are queued here.
+        """
+        self.store.save_controller(number, self.controller.dumps())
+        size = min(self.controller.popsize, self.cfg.budget.trials - number * self.controller.popsize)
+        if size <= 0:
+            return None
+        gen = early if early is not None else _Generation(number, [], size)
+        queued = {i for i, _ in gen.queue}
+        started = len(gen.xs)
+        gen.xs = self.controller.ask_generation()
+        gen.fitness.update({i: f for (g, i), f in self.outcomes.items() if g == number and i < size})
+        gen.queue.extend((i, 0) for i in range(min(started, size), size) if i not in gen.fitness and i not in queued)
+        return gen
+
+    def _following(self, current: _Generation | None) -> _Generation | None:
+        """The next generation's early candidates (the controller asked them when `current` opened)."""
+        if current is None or current.size < self.controller.popsize:
+            return None
+        early = list(getattr(self.controller, "early", []))
+        size = min(self.controller.popsize, self.cfg.budget.trials - (current.number + 1) * self.controller.popsize)
+        if size <= 0:
+            return None
+        gen = _Generation(current.number + 1, early, size)
+        gen.fitness.update({i: f for (g, i), f in self.outcomes.items() if g == gen.number and i < min(len(early), size)})
+        gen.queue.extend((i, 0) for i in range(min(len(early), size)) if i not in gen.fitness)
+        return gen
 
     def sampled(self) -> None:
         """Optuna samplers: a new trial whenever a worker frees up, until the budget is spent."""
@@ -201,25 +279,6 @@ class SearchRun:
             else:
                 self._completed(0, index, number, outcome)
 
-    def _run_generation(self, generation: int, xs: list[np.ndarray]) -> list[float | None]:
-        """Evaluate one generation; trials are created only as workers free up (lazily)."""
-        fitness: list[float | None] = [None] * len(xs)
-        pending: deque[tuple] = deque()
-        for index, x in enumerate(xs):
-            if (generation, index) in self.outcomes:
-                fitness[index] = self.outcomes[(generation, index)]
-            else:
-                pending.append((generation, index, x, 0))
-        for job, outcome in self.pool.run(lambda: self._job(*pending.popleft()) if pending else None):
-            (generation, index, x, number) = job.key
-            if isinstance(outcome, JobFailure):
-                if self._failed(job, number, outcome):
-                    pending.append((generation, index, x, job.attempt + 1))
-                continue
-            fitness[index] = outcome.fitness
-            self._completed(generation, index, number, outcome)
-        return fitness
-
     def _job(self, generation: int, index: int, x: np.ndarray | dict | None, attempt: int) -> Job:
         """Start the trial for one candidate: `x` a point of the unit cube (our controllers), a dict of
         gene values (a sampler's proposal being retried), or None (ask the study's sampler)."""
@@ -230,7 +289,29 @@ class SearchRun:
         self.store.set_recipe(number, recipe.to_dict())
         if self.artifact_dir is not None:  # while RUNNING: Optuna refuses artifacts on finished trials
             upload_recipe_artifact(self.store.study, number, recipe.to_yaml(), self.artifact_dir)
-        return Job(key=(generation, index, values if x is None else x, number), recipe=recipe, attempt=attempt)
+        return Job(key=(generation, index, values if x is None else x, number), recipe=recipe, attempt=attempt,
+                   first_pass=self._first_pass(generation, index))
+
+    def _first_pass(self, generation: int, index: int) -> FirstPass | None:
+        """Multi-fidelity: the bar a candidate's first pass must reach to be scored in full.
+
+        The bar is a quantile of earlier candidates' first passes. With generations it uses only
+        generations that are always complete when this candidate is dispatched (g-1 for fresh candidates,
+        g-2 for early ones), so it does not depend on timing and a run repeats exactly. Optuna samplers use
+        every first pass known so far, after a warm-up.
+        """
+        cfg = self.cfg.evaluation.first_pass
+        if cfg is None:
+            return None
+        if self.controller is not None:
+            last_complete = generation - (2 if index < getattr(self.controller, "lookahead", 0) else 1)
+            earlier = [f for (g, _), f in self.first_passes.items() if g <= last_complete]
+            enough = bool(earlier)
+        else:
+            earlier = list(self.first_passes.values())
+            enough = len(earlier) >= (cfg.warmup or 2 * self.cfg.workers.n)
+        bar = float(np.quantile(earlier, 1 - cfg.promote)) if enough else -math.inf
+        return FirstPass(cfg.fraction, bar)
 
     def _failed(self, job: Job, number: int, failure: JobFailure) -> bool:
         """Record a failed attempt; True when the candidate gets another attempt."""
@@ -249,15 +330,25 @@ class SearchRun:
         objectives = None
         if self.cfg.optimizer.objectives == "per_task":
             objectives = [result.scores[t.name] for t in self.cfg.evaluation.tasks]
-        if not self.store.finish_trial(number, result.fitness, _result_attrs(result), objectives):
+        attrs = _result_attrs(result)
+        if result.first_pass is not None:
+            self.first_passes[(generation, index)] = attrs[FIRST_PASS_ATTR] = result.first_pass_fitness
+            attrs["scores.first_pass"] = result.first_pass
+        if result.full:
+            recorded = self.store.finish_trial(number, result.fitness, attrs, objectives)
+        else:
+            recorded = self.store.prune_trial(number, result.fitness, attrs)
+        if not recorded:
             self.progress(f"trial {number} was finished outside evomerge (dashboard?); its state is kept")
         self.outcomes[(generation, index)] = result.fitness
         self.summary.trials += 1
-        if self.summary.best_fitness is None or result.fitness > self.summary.best_fitness:
+        self.summary.pruned += not result.full
+        if result.full and (self.summary.best_fitness is None or result.fitness > self.summary.best_fitness):
             self.summary.best_fitness, self.summary.best_number = result.fitness, number
         tasks = " ".join(f"{k}={v:.3f}" for k, v in result.scores.items())
+        what = "fitness" if result.full else "first pass (not promoted)"
         self.progress(
-            f"[{self.summary.trials}/{self.summary.budget}] gen {generation} trial {number}: fitness {result.fitness:.4f} ({tasks}) "
+            f"[{self.summary.trials}/{self.summary.budget}] gen {generation} trial {number}: {what} {result.fitness:.4f} ({tasks}) "
             f"| best {self.summary.best_fitness:.4f} (trial {self.summary.best_number}) | merge {result.merge_s:.2f}s eval {result.eval_s:.2f}s"
         )
 

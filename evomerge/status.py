@@ -12,14 +12,14 @@ def studies_table(storage: str) -> str:
     backend = optuna_storage(storage)
     if not storage_exists(storage):
         return f"no studies in {storage} (the file does not exist yet)"
-    rows = [("study", "done", "failed", "running", "best", "state")]
+    rows = [("study", "done", "pruned", "failed", "running", "best", "state")]
     for summary in optuna.get_all_study_summaries(storage=backend):
         study = optuna.load_study(study_name=summary.study_name, storage=backend)
         trials = study.get_trials(deepcopy=False)
         count = {s: sum(t.state == s for t in trials) for s in TrialState}
         best = max((fitness_of(t) for t in trials if t.state == TrialState.COMPLETE), default=None)
         state = "running or stopped mid-run" if count[TrialState.RUNNING] else "idle"
-        rows.append((summary.study_name, str(count[TrialState.COMPLETE]), str(count[TrialState.FAIL]),
+        rows.append((summary.study_name, str(count[TrialState.COMPLETE]), str(count[TrialState.PRUNED]), str(count[TrialState.FAIL]),
                      str(count[TrialState.RUNNING]), "-" if best is None else f"{best:.4f}", state))
     return _table(rows) if len(rows) > 1 else f"no studies in {storage}"
 
@@ -33,7 +33,7 @@ def trials_table(storage: str, name: str) -> str:
         recipe = t.user_attrs.get("recipe") or {}
         rows.append((
             str(t.number), t.state.name,
-            "-" if t.state != TrialState.COMPLETE else f"{fitness_of(t):.4f}",
+            _fitness_cell(t),
             "-" if heldout is None else f"{heldout['fitness']:.4f}",
             str(recipe.get("method", recipe.get("kind", "-"))),
             _num(t.user_attrs.get("merge_s")), _num(t.user_attrs.get("eval_s")),
@@ -42,6 +42,14 @@ def trials_table(storage: str, name: str) -> str:
     best = store.trial(None) if any(t.state == TrialState.COMPLETE for t in trials) else None
     footer = f"\nbest: trial {best.number}, fitness {fitness_of(best):.4f}" if best else ""
     return _table(rows) + footer
+
+
+def _fitness_cell(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.state == TrialState.COMPLETE:
+        return f"{fitness_of(trial):.4f}"
+    if trial.state == TrialState.PRUNED and "fitness" in trial.user_attrs:
+        return f"({fitness_of(trial):.4f} first pass)"
+    return "-"
 
 
 def _num(value: object) -> str:

@@ -32,6 +32,7 @@ logging.getLogger("optuna").setLevel(logging.WARNING)
 CONFIG_ATTR = "evomerge.config"
 HELDOUT_PREFIX = "heldout."
 OPTIMIZER_ATTR = "evomerge.optimizer"
+FIRST_PASS_ATTR = "first_pass_fitness"
 _CHUNK_CHARS = 60_000  # MySQL's TEXT holds 64 KB; SQLite and PostgreSQL hold any size
 MAX_ATTEMPTS = 2  # a failed candidate is retried once, then told to the optimizer as failed
 
@@ -154,6 +155,15 @@ class StudyStore:
         """
         return self._close(number, {**attrs, "fitness": fitness}, fitness=objectives or fitness)
 
+    def prune_trial(self, number: int, fitness: float, attrs: Mapping[str, Any]) -> bool:
+        """Record a candidate held back after its multi-fidelity first pass: PRUNED, with the first-pass
+        fitness as its value (and `fitness` attribute); False when someone finished it meanwhile."""
+        try:
+            self._running[number].report(fitness, step=0)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            pass  # finished elsewhere; _close says so
+        return self._close(number, {**attrs, "fitness": fitness}, state=optuna.trial.TrialState.PRUNED)
+
     def fail_trial(self, number: int, reason: str) -> bool:
         return self._close(number, {"fail_reason": reason}, state=optuna.trial.TrialState.FAIL)
 
@@ -200,18 +210,24 @@ class StudyStore:
         return [t.number for t in orphans]
 
     def candidate_outcomes(self) -> dict[tuple[int, int], float | None]:
-        """(generation, candidate) -> fitness, or None for a candidate that failed all its attempts."""
+        """(generation, candidate) -> fitness (a pruned candidate's first-pass fitness), or None for a
+        candidate that failed all its attempts."""
         out: dict[tuple[int, int], float | None] = {}
         for t in self.study.get_trials(deepcopy=False):
             key = (t.user_attrs.get("generation"), t.user_attrs.get("candidate"))
             if None in key:
                 continue
-            if t.state == optuna.trial.TrialState.COMPLETE:
+            if t.state == optuna.trial.TrialState.COMPLETE or (t.state == optuna.trial.TrialState.PRUNED and "fitness" in t.user_attrs):
                 out[key] = fitness_of(t)
             elif t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("attempt", 0) >= MAX_ATTEMPTS - 1 \
                     and key not in out and not str(t.user_attrs.get("fail_reason", "")).startswith("orphaned"):
                 out[key] = None
         return out
+
+    def first_passes(self) -> dict[tuple[int, int], float]:
+        """(generation, candidate) -> first-pass fitness, for the candidates that had a first pass."""
+        return {(t.user_attrs["generation"], t.user_attrs["candidate"]): t.user_attrs[FIRST_PASS_ATTR]
+                for t in self.study.get_trials(deepcopy=False) if FIRST_PASS_ATTR in t.user_attrs}
 
     def update_config(self, cfg: StudyConfig) -> None:
         self.study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())

@@ -51,6 +51,18 @@ class CandidateResult:
     worker: str = ""
     peak_mem_mb: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    first_pass: dict[str, float] | None = None  # scores of a multi-fidelity first pass, when one ran
+    first_pass_fitness: float | None = None
+    full: bool = True  # False: held back after the first pass; `scores` and `fitness` are the first pass's
+
+
+@dataclass(frozen=True)
+class FirstPass:
+    """Score the first `fraction` of each task's examples; go on to all of them only if that fitness
+    reaches `promote_at` (-inf: always)."""
+
+    fraction: float
+    promote_at: float
 
 
 class CandidateWorker:
@@ -101,13 +113,23 @@ class CandidateWorker:
         _sync(self.device)
         return time.perf_counter() - started
 
-    def evaluate(self, recipe: Recipe | PathRecipe, split: str = "fitness") -> CandidateResult:
-        """Build the candidate and score it on one split ("fitness" during search, "heldout" to report)."""
+    def evaluate(self, recipe: Recipe | PathRecipe, split: str = "fitness", first_pass: FirstPass | None = None) -> CandidateResult:
+        """Build the candidate and score it on one split ("fitness" during search, "heldout" to report),
+        optionally after a cheap first pass that may end the evaluation early (multi-fidelity)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         merge_s = self.build(recipe)
         model, tokenizer = self._path_model if isinstance(recipe, PathRecipe) else (self.model, self.tokenizer)
         started = time.perf_counter()
+        first = first_fitness = None
+        if first_pass is not None:
+            first = self.scorer.score(model, tokenizer, split, fraction=first_pass.fraction)
+            first_fitness = self.scorer.fitness(first)
+            if first_fitness < first_pass.promote_at:
+                return CandidateResult(scores=first, fitness=first_fitness, merge_s=merge_s,
+                                       eval_s=time.perf_counter() - started, worker=self.name,
+                                       peak_mem_mb=_peak_mem_mb(self.device), first_pass=first,
+                                       first_pass_fitness=first_fitness, full=False)
         scores = self.scorer.score(model, tokenizer, split)
         eval_s = time.perf_counter() - started
         return CandidateResult(
@@ -117,6 +139,8 @@ class CandidateWorker:
             eval_s=eval_s,
             worker=self.name,
             peak_mem_mb=_peak_mem_mb(self.device),
+            first_pass=first,
+            first_pass_fitness=first_fitness,
         )
 
 

@@ -9,23 +9,19 @@ vary 3x) and returns a smooth fitness of the recipe's numbers.
   overhead/trial = (wall - time the controller spent waiting for a result) / trials: asking, telling,
                    decoding, and the study writes (start_trial, finish_trial, optimizer checkpoints)
 
-Four sections:
-  measured    the current loop (SearchRun: one barrier per generation, as CMA-ES tells whole
-              generations), for popsize = 1x, 2x, 4x, 8x the worker count
-  prototype   two loops on the same real pool and study, both starting a candidate's trial only when a
-              worker is free (SearchRun starts a whole generation's trials before dispatching any):
-              lazy-barrier  the same barrier per generation
-              tail-fill     once a generation has nothing left to hand out, free workers start candidates
-                            of the next one, sampled from the current distribution (at most half a
-                            generation ahead); each generation is still told whole, in order
-  sampled     the Optuna samplers' loop (SearchRun.sampled: a new trial whenever a worker is free, no
-              generations), here optuna_random (scheduling only) and tpe (its proposal cost included)
-  simulated   the same two policies in a discrete-event simulation with a real pycma optimizer on a
-              12-gene quadratic, to compare the best fitness reached per evaluation and per wall second
+Three sections:
+  generations  SearchRun.generations (CMA-ES: each generation told whole, in order), popsize = 1x, 2x, 4x
+               the worker count, each twice: `barrier` (lookahead 0: a generation waits for its slowest
+               candidate) and `lookahead` (the default: half a generation of the next one is asked early
+               and fills the workers that would wait)
+  sampled      the Optuna samplers' loop (SearchRun.sampled: a new trial whenever a worker is free, no
+               generations), here optuna_random (scheduling only) and tpe (its proposal cost included)
+  simulated    the same two policies in a discrete-event simulation with evomerge's CMA-ES controller on
+               a 12-gene quadratic, to compare the best fitness reached per evaluation and per wall second
 
     python scripts/bench_sched.py                        # everything: about 8 minutes on 2 cores
     python scripts/bench_sched.py --sections simulated   # the policy comparison alone: 20 s
-    python scripts/bench_sched.py --workers 8 16 --sections measured simulated
+    python scripts/bench_sched.py --workers 8 16 --sections generations simulated
 
 Evaluations take 1-3 s by default: the controller spends tens of milliseconds per trial on study
 writes, so much shorter evaluations would measure the controller, not the scheduling.
@@ -102,7 +98,8 @@ def sleep_worker(low_s: float, high_s: float) -> type:
 # --- a study over fake models -------------------------------------------------------------------
 
 
-def bench_config(folder: Path, name: str, n_workers: int, popsize: int, generations: int, kind: str = "cmaes") -> StudyConfig:
+def bench_config(folder: Path, name: str, n_workers: int, popsize: int, generations: int, kind: str = "cmaes",
+                 lookahead: int | None = None) -> StudyConfig:
     return parse_config({
         "name": name,
         "storage": f"sqlite:///{folder / (name + '.db')}",
@@ -110,7 +107,7 @@ def bench_config(folder: Path, name: str, n_workers: int, popsize: int, generati
         "search_space": {"methods": ["ties"], "layer_groups": 2,
                          "params": {"weight": {"low": 0, "high": 1.5}, "density": {"low": 0.1, "high": 1}}},
         "evaluation": {"tasks": [{"name": "sleep"}], "heldout_top_k": 0},
-        "optimizer": {"kind": kind, "popsize": popsize, "seed": 0},
+        "optimizer": {"kind": kind, "popsize": popsize, "seed": 0, "lookahead": lookahead},
         "budget": {"trials": popsize * generations},
         "workers": {"n": n_workers, "cpus_per_worker": CPUS_PER_ACTOR, "gpus_per_worker": 0},
     }, source="bench")
@@ -178,12 +175,13 @@ def measure(section: str, meter: Meter, n_workers: int, popsize: int, spread: st
                1000 * (wall_s - meter.wait_s) / max(meter.trials, 1))
 
 
-def run_barrier(folder: Path, meter: Meter, worker_cls: type, n_workers: int, popsize: int, generations: int) -> None:
-    """The current controller loop, unchanged: SearchRun over a fresh study."""
+def run_generations(folder: Path, meter: Meter, worker_cls: type, n_workers: int, popsize: int, generations: int,
+                    lookahead: int | None) -> None:
+    """evomerge's controller loop, unchanged: SearchRun.generations over a fresh study."""
     from evomerge.search import SearchRun
     from evomerge.study import StudyStore
 
-    cfg = bench_config(folder, f"barrier-{n_workers}-{popsize}", n_workers, popsize, generations)
+    cfg = bench_config(folder, f"gen-{n_workers}-{popsize}-{lookahead}", n_workers, popsize, generations, lookahead=lookahead)
     prep = prepared(cfg, worker_cls)
     store = StudyStore.create(cfg, {g.name: g.default for g in prep.space.genes})
     controller = make_controller(cfg.optimizer, np.array([g.to_unit(g.default) for g in prep.space.genes]), n_workers)
@@ -201,124 +199,48 @@ def run_sampled(folder: Path, meter: Meter, worker_cls: type, n_workers: int, tr
     SearchRun(prep, store, None, meter, progress=lambda _: None).sampled()
 
 
-class TailFillRun:
-    """Prototype loop: candidates (and their trials) are made only when a worker is free, and when
-    generation g has nothing left to hand out, free workers take candidates of g+1.
-
-    Those early candidates are sampled from the distribution as it was before g was told (pycma
-    `ask(number=1)`), at most `ahead` of them per generation (0: a barrier like SearchRun's, but with
-    trials started lazily); generations are still told whole and in order. The study writes are the
-    same as SearchRun's (one trial per candidate, an optimizer checkpoint per generation).
-    """
-
-    def __init__(self, folder: Path, meter: Meter, worker_cls: type, n_workers: int, popsize: int, generations: int,
-                 ahead: int) -> None:
-        from evomerge.study import StudyStore
-
-        cfg = bench_config(folder, f"fill{ahead}-{n_workers}-{popsize}", n_workers, popsize, generations)
-        self.prep = prepared(cfg, worker_cls)
-        genes = self.prep.space.genes
-        self.store = StudyStore.create(cfg, {g.name: g.default for g in genes})
-        self.controller = make_controller(cfg.optimizer, np.array([g.to_unit(g.default) for g in genes]), n_workers)
-        self.distributions = {g.name: g.distribution() for g in genes}
-        self.meter, self.popsize, self.budget = meter, popsize, cfg.budget.trials
-        self.ahead = ahead
-        self.gens: dict[int, dict] = {}  # generation -> {"xs": [...], "fitness": [...], "done": n}
-        self.told = 0  # oldest generation not told yet
-        self.asked = self.finished = 0
-
-    def run(self) -> None:
-        from evomerge.pool import Job
-
-        def next_job() -> Job | None:
-            generation = self._open_generation() if self.asked < self.budget else None
-            return None if generation is None else self._job(generation)
-
-        for job, outcome in self.meter.run(next_job):
-            generation, index, number = job.key
-            attrs = {"scores.fitness": outcome.scores, "merge_s": outcome.merge_s, "eval_s": outcome.eval_s, "worker": outcome.worker}
-            self.store.finish_trial(number, outcome.fitness, attrs)  # the attributes SearchRun writes
-            gen = self.gens[generation]
-            gen["fitness"][index], gen["done"] = outcome.fitness, gen["done"] + 1
-            self.finished += 1
-            while self.told in self.gens and self.gens[self.told]["done"] == self.popsize:
-                told = self.gens.pop(self.told)
-                self.controller.tell(told["xs"], told["fitness"])
-                self.told += 1
-                self.store.save_controller(self.told, self.controller.dumps())
-
-    def _open_generation(self) -> int | None:
-        for generation in (self.told, self.told + 1):
-            asked = len(self.gens.setdefault(generation, {"xs": [], "fitness": [], "done": 0})["xs"])
-            limit = self.popsize if generation == self.told else self.ahead
-            if asked < limit:
-                return generation
-        return None
-
-    def _job(self, generation: int):
-        from evomerge.pool import Job
-
-        gen = self.gens[generation]
-        x = np.asarray(self.controller.es.ask(number=1)[0], dtype=float)
-        values = decode_unit(self.prep.space.genes, x)
-        recipe = self.prep.space.decode(values)
-        attrs = {"generation": generation, "candidate": len(gen["xs"]), "attempt": 0}
-        number, values = self.store.start_trial(values, self.distributions, attrs)
-        self.store.set_recipe(number, recipe.to_dict())
-        gen["xs"].append(x)
-        gen["fitness"].append(None)
-        self.asked += 1
-        return Job(key=(generation, len(gen["xs"]) - 1, number), recipe=recipe)
-
-
 # --- simulation: utilization and search quality, no Ray -----------------------------------------
 
 
-def simulate(policy: str, n_workers: int, popsize: int, n_evals: int, low_s: float, high_s: float, seed: int) -> dict:
-    """Discrete-event run of `policy` ("barrier" or "tail-fill") with pycma on a 12-gene quadratic."""
-    import cma
+def simulate(lookahead: int, n_workers: int, popsize: int, n_evals: int, low_s: float, high_s: float, seed: int) -> dict:
+    """Discrete-event run of SearchRun.generations' policy with evomerge's CMA-ES controller (the real
+    `ask_generation` and lookahead) on a 12-gene weighted quadratic; no Ray, no study."""
+    from evomerge.config import OptimizerConfig
 
     rng = np.random.default_rng(seed)
     centre, weights = rng.uniform(0.2, 0.8, 12), np.logspace(0, 1, 12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        es = cma.CMAEvolutionStrategy(np.full(12, 0.5), 0.25, {"bounds": [0, 1], "popsize": popsize, "seed": seed + 1, "verbose": -9})
-    gens: dict[int, dict] = {}
-    events: list[tuple[float, int, int]] = []
+    ctrl = make_controller(OptimizerConfig(seed=seed, popsize=popsize, lookahead=lookahead), np.full(12, 0.5), n_workers)
+    current = {"xs": ctrl.ask_generation(), "f": {}, "queue": list(range(popsize))}
+    following = {"xs": list(ctrl.early), "f": {}, "queue": list(range(len(ctrl.early)))}
+    events: list[tuple[float, int, int, np.ndarray]] = []  # (finish time, tiebreak, generation slot, x)
     now = busy = 0.0
-    told = asked = done = 0
+    asked = done = 0
     best, trace = -math.inf, []
     while done < n_evals:
-        while asked < n_evals and len(events) < n_workers:
-            generation = _sim_generation(policy, gens, told, popsize)
-            if generation is None:
-                break
-            gen = gens.setdefault(generation, {"xs": [], "f": [], "done": 0})
-            gen["xs"].append(es.ask(number=1)[0])
-            gen["f"].append(None)
+        while asked < n_evals and len(events) < n_workers and (current["queue"] or following["queue"]):
+            gen = current if current["queue"] else following
+            index = gen["queue"].pop(0)
             duration = rng.uniform(low_s, high_s)
             busy += duration
-            heapq.heappush(events, (now + duration, generation, len(gen["xs"]) - 1))
+            heapq.heappush(events, (now + duration, asked, index, gen is current))
             asked += 1
-        now, generation, index = heapq.heappop(events)
-        gen = gens[generation]
+        now, _, index, of_current = heapq.heappop(events)
+        gen = current if of_current else following
         gen["f"][index] = -float(np.sum(weights * (gen["xs"][index] - centre) ** 2))
-        gen["done"] += 1
         done += 1
         best = max(best, gen["f"][index])
         trace.append((now, best))
-        while told in gens and gens[told]["done"] == popsize:
-            es.tell(gens[told]["xs"], [-f for f in gens.pop(told)["f"]])
-            told += 1
+        if len(current["f"]) == popsize:
+            ctrl.tell(current["xs"], [current["f"][i] for i in range(popsize)])
+            # in-flight events of `following` refer to it as "not current": re-tag them as current
+            events = [(t, k, i, True) for (t, k, i, c) in events]
+            heapq.heapify(events)
+            current = following
+            early = len(current["xs"])
+            current["xs"] = ctrl.ask_generation()
+            current["queue"] += list(range(early, popsize))
+            following = {"xs": list(ctrl.early), "f": {}, "queue": list(range(len(ctrl.early)))}
     return {"wall_s": now, "utilization": busy / (n_workers * now), "best": best, "trace": trace}
-
-
-def _sim_generation(policy: str, gens: dict, told: int, popsize: int) -> int | None:
-    if len(gens.get(told, {"xs": []})["xs"]) < popsize:
-        return told
-    if policy == "tail-fill" and len(gens.get(told + 1, {"xs": []})["xs"]) < popsize // 2:
-        return told + 1
-    return None
 
 
 def best_by(trace: list[tuple[float, float]], wall_s: float) -> float:
@@ -334,8 +256,9 @@ def simulated_rows(n_workers: int, mults: list[int], n_evals: int, seeds: int) -
     rows = []
     for mult in mults:
         popsize = mult * n_workers
-        runs = {p: [simulate(p, n_workers, popsize, n_evals, 1.0, 3.0, s) for s in range(seeds)] for p in ("barrier", "tail-fill")}
-        same_wall = statistics.median(r["wall_s"] for r in runs["tail-fill"])
+        policies = {"barrier": 0, "lookahead": popsize // 2}
+        runs = {p: [simulate(ahead, n_workers, popsize, n_evals, 1.0, 3.0, s) for s in range(seeds)] for p, ahead in policies.items()}
+        same_wall = statistics.median(r["wall_s"] for r in runs["lookahead"])
         for policy, rs in runs.items():
             rows.append({
                 "policy": policy, "workers": n_workers, "popsize": popsize,
@@ -369,15 +292,10 @@ def ray_rows(args: argparse.Namespace) -> list[Row]:
             for mult in args.mults:
                 popsize = mult * n_workers
                 generations = max(args.min_generations, math.ceil(args.trials_per_worker * n_workers / popsize))
-                if "measured" in args.sections:
-                    rows.append(measure("measured", meter, n_workers, popsize, spread,
-                                        lambda: run_barrier(folder, meter, worker_cls, n_workers, popsize, generations)))
+                for label, ahead in (("barrier", 0), ("lookahead", None)) if "generations" in args.sections else ():
+                    rows.append(measure(label, meter, n_workers, popsize, spread,
+                                        lambda: run_generations(folder, meter, worker_cls, n_workers, popsize, generations, ahead)))
                     print(format_row(rows[-1]), flush=True)
-                for label, ahead in (("lazy-barrier", 0), ("tail-fill", popsize // 2)):
-                    if "prototype" in args.sections and mult in args.prototype_mults:
-                        loop = TailFillRun(folder, meter, worker_cls, n_workers, popsize, generations, ahead)
-                        rows.append(measure(label, meter, n_workers, popsize, spread, loop.run))
-                        print(format_row(rows[-1]), flush=True)
             for kind in args.samplers if "sampled" in args.sections else ():
                 trials = args.trials_per_worker * n_workers
                 rows.append(measure(kind, meter, n_workers, 0, spread,
@@ -400,21 +318,20 @@ def format_row(row: Row) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[16])
-    parser.add_argument("--mults", type=int, nargs="+", default=[1, 2, 4, 8], help="popsize = mult x workers")
-    parser.add_argument("--prototype-mults", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--mults", type=int, nargs="+", default=[1, 2, 4], help="popsize = mult x workers")
     parser.add_argument("--low", type=float, default=1.0, help="shortest evaluation, seconds")
     parser.add_argument("--high", type=float, default=3.0, help="longest evaluation, seconds")
     parser.add_argument("--trials-per-worker", type=int, default=8, help="budget per run = this x workers (rounded up to whole generations)")
     parser.add_argument("--study-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
                         help="where the SQLite studies go (default: /dev/shm, so disk fsyncs do not dominate)")
     parser.add_argument("--min-generations", type=int, default=2)
-    parser.add_argument("--sections", nargs="+", default=["measured", "prototype", "sampled", "simulated"],
-                        choices=["measured", "prototype", "sampled", "simulated"])
+    parser.add_argument("--sections", nargs="+", default=["generations", "sampled", "simulated"],
+                        choices=["generations", "sampled", "simulated"])
     parser.add_argument("--samplers", nargs="+", default=["optuna_random", "tpe"], help="Optuna samplers for the sampled section")
     parser.add_argument("--sim-evals", type=int, default=640)
     parser.add_argument("--sim-seeds", type=int, default=24)
     args = parser.parse_args(argv)
-    if {"measured", "prototype", "sampled"} & set(args.sections):
+    if {"generations", "sampled"} & set(args.sections):
         print(f"real Ray actors (sleepers), real SearchRun / pycma / SQLite study in {args.study_dir or tempfile.gettempdir()}\n" + HEADER)
         ray_rows(args)
     if "simulated" in args.sections:

@@ -20,6 +20,9 @@ split by the same workers (`SearchRun.score_heldout`, top 1).
              8-gene space (weight in [0, 2], density in [1e-6, 1]); see that class for the exact mapping.
   cmaes_ties evomerge's default CMA-ES on that same 8-gene ties space (a fifth row, not asked for by the
              comparison itself: it tells whether a difference comes from the optimizer or from the space)
+  cmaes_fp   the default CMA-ES with multi-fidelity (`evaluation.first_pass`: every candidate first on 25%
+             of each task's examples, only the top half of first passes scored in full); its `examples`
+             column counts the examples scored, the deterministic measure of the evaluation work saved
 
 Controllers ask whole generations and the last one is truncated to the budget (SearchRun.generations),
 so every optimizer is charged exactly `--budget` evaluations. Ray and the two workers start once and one
@@ -59,15 +62,19 @@ from evomerge.config import OPTUNA_SAMPLERS, StudyConfig, load_preset, parse_con
 from evomerge.optimize import make_controller  # noqa: E402
 from evomerge.spaces import encode_unit  # noqa: E402
 from evomerge.study import StudyStore, fitness_of  # noqa: E402
+from evomerge.zoo._data import N_EVAL_PER_SPLIT  # noqa: E402
 
-METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties")
+METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties", "cmaes_fp")
 LABELS = {
     "cmaes": "evomerge CMA-ES (default)",
+    "cmaes_fp": "evomerge CMA-ES + first pass (25%, top half in full)",
     "random": "random search",
     "tpe": "Optuna TPE",
     "mergekit": "mergekit-evolve's CMA-ES",
     "cmaes_ties": "evomerge CMA-ES on mergekit's space",
 }
+FIRST_PASS = {"fraction": 0.25, "promote": 0.5}
+ZOO_EXAMPLES = N_EVAL_PER_SPLIT  # examples per split of each zoo task
 MERGEKIT_SPACE = {  # mergekit-evolve's genome as an evomerge space: one method, weight and density per group x model
     "kind": "parameter",
     "methods": ["ties"],
@@ -126,7 +133,8 @@ class MergekitEvolveController:
                 values[f"g{group}.weight.{label}"], values[f"g{group}.density.{label}"] = float(w), float(d)
         return values
 
-    def ask(self) -> list[np.ndarray]:
+    def ask_generation(self) -> list[np.ndarray]:
+        """A whole generation, no lookahead: fmin2's loop."""
         self._raw = [np.asarray(x, dtype=float) for x in self.es.ask()]
         return [encode_unit(self.genes, self.gene_values(x)) for x in self._raw]
 
@@ -159,6 +167,9 @@ class RunResult:
     heldout: float = math.nan
     best_trial: int = -1
     failed: int = 0
+    pruned: int = 0  # held back after a first pass (they count as evaluations; never as the best)
+    examples: int = 0  # examples scored over the run (first passes included)
+    eval_s: float = 0.0  # worker seconds spent scoring, summed over trials
     popsize: int | None = None
     search_s: float = 0.0
     heldout_s: float = 0.0
@@ -179,8 +190,9 @@ def study_config(method: str, seed: int, zoo, budget: int, db: Path, workers: in
         "storage": f"sqlite:///{db}",
         "models": {"base": str(zoo.base), "sources": [str(p) for p in zoo.specialists.values()]},
         "search_space": space,
-        "evaluation": {"tasks": [{"name": f"zoo_{skill}"} for skill in zoo.specialists], "heldout_top_k": 1},
-        "optimizer": {"kind": "cmaes" if method in ("mergekit", "cmaes_ties") else method, "seed": seed},
+        "evaluation": {"tasks": [{"name": f"zoo_{skill}"} for skill in zoo.specialists], "heldout_top_k": 1,
+                       "first_pass": FIRST_PASS if method == "cmaes_fp" else None},
+        "optimizer": {"kind": "cmaes" if method in ("mergekit", "cmaes_ties", "cmaes_fp") else method, "seed": seed},
         "budget": {"trials": budget},
         "workers": {"n": workers},
     }, source=f"bench {method}")
@@ -224,14 +236,25 @@ def run_one(method: str, seed: int, zoo, args: argparse.Namespace, pool, db: Pat
 def _read_results(store: StudyStore, result: RunResult) -> None:
     import optuna
 
-    finished = [t for t in store.study.get_trials(deepcopy=False)
-                if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
+    state = optuna.trial.TrialState
+    finished = [t for t in store.study.get_trials(deepcopy=False) if t.state in (state.COMPLETE, state.FAIL, state.PRUNED)]
     final = {}  # (generation, candidate) -> its last attempt: a retried candidate is one evaluation
     for t in sorted(finished, key=lambda t: t.datetime_complete):
         final[(t.user_attrs.get("generation"), t.user_attrs.get("candidate"))] = t
     ordered = sorted(final.values(), key=lambda t: t.datetime_complete)
-    result.curve = [fitness_of(t) if t.state == optuna.trial.TrialState.COMPLETE else None for t in ordered]
-    result.failed = result.curve.count(None)
+    result.curve = [fitness_of(t) if t.state == state.COMPLETE else None for t in ordered]
+    result.failed = sum(t.state == state.FAIL for t in ordered)
+    result.pruned = sum(t.state == state.PRUNED for t in ordered)
+    result.eval_s = round(sum(t.user_attrs.get("eval_s", 0.0) for t in finished), 2)
+    per_task = {t.name: t.limit or ZOO_EXAMPLES for t in store.config.evaluation.tasks}
+    first = store.config.evaluation.first_pass
+    for t in finished:
+        if t.state == state.FAIL:
+            continue
+        if first is not None:
+            result.examples += sum(max(1, math.ceil(first.fraction * n)) for n in per_task.values())
+        if t.state == state.COMPLETE:
+            result.examples += sum(per_task.values())
     top = sorted(store.completed(), key=fitness_of, reverse=True)[0]  # the trial score_heldout scored
     result.best, result.best_trial = fitness_of(top), top.number
     held = store.heldout(top.number)
@@ -252,7 +275,7 @@ def mean_sd(values: list[float]) -> str:
 def table(results: list[RunResult], budget: int) -> str:
     marks = sorted({max(budget // 4, 1), max(budget // 2, 1)})
     head = ["optimizer", *[f"best fitness @{m}" for m in marks], f"best fitness @{budget}", "held-out of best",
-            "search s / run", "failed"]
+            "search s / run", "eval s / run", "examples / run", "failed", "pruned"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in METHODS:
         runs = [r for r in results if r.method == method]
@@ -260,7 +283,9 @@ def table(results: list[RunResult], budget: int) -> str:
             continue
         at = [mean_sd([r.best_so_far()[m - 1] for r in runs if len(r.curve) >= m]) for m in marks]
         cells = [LABELS[method], *at, f"**{mean_sd([r.best for r in runs])}**", f"**{mean_sd([r.heldout for r in runs])}**",
-                 f"{statistics.fmean(r.search_s for r in runs):.0f}", str(sum(r.failed for r in runs))]
+                 f"{statistics.fmean(r.search_s for r in runs):.0f}", f"{statistics.fmean(r.eval_s for r in runs):.0f}",
+                 f"{statistics.fmean(r.examples for r in runs):,.0f}", str(sum(r.failed for r in runs)),
+                 str(sum(r.pruned for r in runs))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -2,6 +2,13 @@
 
 The seam is ask/tell, one generation at a time; fitness is maximised and None marks a failed candidate.
 Controllers know no torch, Ray or storage; their state pickles to bytes so the study can checkpoint it.
+
+Lookahead: when a generation opens, a controller also asks `lookahead` candidates of the *next*
+generation from the same distribution. Workers that would otherwise wait for the slowest candidates of
+this generation evaluate those; the next generation then consists of them plus fresh candidates asked
+after this one is told. The counts are fixed, never timing-dependent, so a run is reproducible and a
+resumed study asks exactly what the original would have (the early candidates are part of the
+pickled state).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from evomerge.config import OptimizerConfig
 class Controller(Protocol):
     popsize: int
 
-    def ask(self) -> list[np.ndarray]: ...
+    def ask_generation(self) -> list[np.ndarray]: ...
 
     def tell(self, xs: list[np.ndarray], fitness: list[float | None]) -> None: ...
 
@@ -27,15 +34,43 @@ class Controller(Protocol):
 
 
 def default_popsize(n_genes: int, n_workers: int = 1) -> int:
-    """CMA-ES's 4 + 3 ln(n), rounded up to a multiple of the worker count so no worker idles."""
+    """CMA-ES's 4 + 3 ln(n), rounded up to a multiple of the worker count, and at least twice the worker
+    count when there are several: with half a generation of lookahead that keeps workers busy through
+    each generation's tail (scripts/bench_sched.py)."""
     size = 4 + int(3 * math.log(max(n_genes, 1)))
+    if n_workers > 1:
+        size = max(size, 2 * n_workers)
     return int(math.ceil(size / n_workers) * n_workers)
 
 
-class CmaEsController:
+def default_lookahead(popsize: int, n_workers: int) -> int:
+    """Half a generation ahead with several workers (enough to cover the tail of a generation whose
+    evaluation times vary 3x); none with one worker, which never waits on a barrier."""
+    return popsize // 2 if n_workers > 1 else 0
+
+
+class Generational:
+    """ask_generation() on top of a controller's `ask(number)`: the lookahead policy (module docstring)."""
+
+    popsize: int
+    lookahead: int = 0
+    early: list[np.ndarray] = []  # candidates of the next generation, asked when this one opened
+
+    def ask(self, number: int) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def ask_generation(self) -> list[np.ndarray]:
+        """This generation's `popsize` candidates, those asked ahead first; asks the next one's early ones."""
+        early = list(self.early)[: self.popsize]
+        xs = early + (self.ask(self.popsize - len(early)) if len(early) < self.popsize else [])
+        self.early = self.ask(self.lookahead) if self.lookahead else []
+        return xs
+
+
+class CmaEsController(Generational):
     """pycma's CMA-ES over [0, 1]^n (bounds by transformation), maximising fitness."""
 
-    def __init__(self, x0: np.ndarray, cfg: OptimizerConfig, popsize: int) -> None:
+    def __init__(self, x0: np.ndarray, cfg: OptimizerConfig, popsize: int, lookahead: int = 0) -> None:
         import cma
 
         # A private RandomState (not numpy's global one) so that a pickled controller carries its
@@ -45,10 +80,10 @@ class CmaEsController:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.es = cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), cfg.sigma0, options)
-        self.popsize = popsize
+        self.popsize, self.lookahead = popsize, lookahead
 
-    def ask(self) -> list[np.ndarray]:
-        return [np.asarray(x, dtype=float) for x in self.es.ask()]
+    def ask(self, number: int) -> list[np.ndarray]:
+        return [np.asarray(x, dtype=float) for x in self.es.ask(number=number)]
 
     def tell(self, xs: list[np.ndarray], fitness: list[float | None]) -> None:
         # pycma minimises and replaces NaN (a failed candidate) by the generation's median.
@@ -67,16 +102,16 @@ class CmaEsController:
         return pickle.dumps(self)
 
 
-class RandomController:
+class RandomController(Generational):
     """Uniform random search over the unit cube: the baseline every optimizer must beat."""
 
-    def __init__(self, n_genes: int, cfg: OptimizerConfig, popsize: int) -> None:
+    def __init__(self, n_genes: int, cfg: OptimizerConfig, popsize: int, lookahead: int = 0) -> None:
         self.rng = np.random.default_rng(cfg.seed)
-        self.n_genes, self.popsize = n_genes, popsize
+        self.n_genes, self.popsize, self.lookahead = n_genes, popsize, lookahead
         self.sigma = math.nan
 
-    def ask(self) -> list[np.ndarray]:
-        return [self.rng.random(self.n_genes) for _ in range(self.popsize)]
+    def ask(self, number: int) -> list[np.ndarray]:
+        return [self.rng.random(self.n_genes) for _ in range(number)]
 
     def tell(self, xs: list[np.ndarray], fitness: list[float | None]) -> None:
         del xs, fitness  # random search learns nothing
@@ -87,9 +122,10 @@ class RandomController:
 
 def make_controller(cfg: OptimizerConfig, x0: np.ndarray, n_workers: int) -> Controller:
     popsize = cfg.popsize or default_popsize(len(x0), n_workers)
+    lookahead = default_lookahead(popsize, n_workers) if cfg.lookahead is None else min(cfg.lookahead, popsize)
     if cfg.kind == "random":
-        return RandomController(len(x0), cfg, popsize)
-    return CmaEsController(x0, cfg, popsize)
+        return RandomController(len(x0), cfg, popsize, lookahead)
+    return CmaEsController(x0, cfg, popsize, lookahead)
 
 
 def loads(state: bytes) -> Controller:

@@ -1,0 +1,86 @@
+"""Multi-fidelity: a first pass on part of the fitness examples, full scoring only for promising candidates."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from evomerge.config import load_config
+from evomerge.search import prepare, run_search
+from evomerge.study import FIRST_PASS_ATTR, StudyStore
+from evomerge.worker import CandidateWorker, FirstPass
+from study_configs import zoo_config
+
+PRUNED, COMPLETE = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+
+
+@pytest.fixture(scope="module")
+def worker(zoo_llama, tmp_path_factory) -> CandidateWorker:
+    tmp = tmp_path_factory.mktemp("fp")
+    prepared = prepare(load_config(zoo_config(zoo_llama, tmp, limit=40)))
+    return CandidateWorker(prepared.setup)
+
+
+@pytest.fixture(scope="module")
+def recipe(zoo_llama, tmp_path_factory):
+    prepared = prepare(load_config(zoo_config(zoo_llama, tmp_path_factory.mktemp("fpr"), limit=40)))
+    return prepared.space.decode({g.name: g.default for g in prepared.space.genes})
+
+
+def test_first_pass_scores_the_first_part_of_each_task(worker: CandidateWorker) -> None:
+    split = worker.scorer._splits["fitness"]
+    assert {k: len(v) for k, v in worker.scorer._samples(split, 0.25).items()} == {"zoo_arith": 10, "zoo_rev": 10}
+    assert {k: len(v) for k, v in worker.scorer._samples(split).items()} == {"zoo_arith": 40, "zoo_rev": 40}
+    with pytest.raises(ValueError, match="fraction"):
+        worker.scorer._samples(split, 0.0)
+
+
+def test_promoted_candidate_gets_exactly_the_full_scores(worker: CandidateWorker, recipe) -> None:
+    plain = worker.evaluate(recipe)
+    promoted = worker.evaluate(recipe, first_pass=FirstPass(0.25, -math.inf))
+    assert promoted.full and promoted.scores == plain.scores and promoted.fitness == plain.fitness
+    assert promoted.first_pass is not None and promoted.first_pass_fitness == worker.scorer.fitness(promoted.first_pass)
+    held = worker.evaluate(recipe, first_pass=FirstPass(0.25, math.inf))
+    assert not held.full and held.scores == promoted.first_pass and held.fitness == promoted.first_pass_fitness
+
+
+@pytest.mark.slow
+def test_search_with_a_first_pass_prunes_deterministically(zoo_llama, tmp_path: Path) -> None:
+    """Generation 0 is scored in full (no earlier first passes); later candidates below the median
+    first pass of the generations complete when they were dispatched are PRUNED with their first-pass
+    fitness; the best trial is a full one; two runs give the same trials."""
+    runs = []
+    for name in ("fp-a", "fp-b"):
+        cfg = load_config(zoo_config(zoo_llama, tmp_path, name=name, trials=12, popsize=4,
+                                     evaluation__first_pass={"fraction": 0.25, "promote": 0.5}))
+        summary = run_search(prepare(cfg), progress=lambda s: None)
+        store = StudyStore.open(cfg.storage, name)
+        trials = {(t.user_attrs["generation"], t.user_attrs["candidate"]): t for t in store.study.get_trials()}
+        runs.append({k: (t.state, t.params, t.user_attrs["fitness"]) for k, t in trials.items()})
+    assert runs[0] == runs[1]
+
+    assert sorted(trials) == [(g, c) for g in range(3) for c in range(4)]
+    assert all(trials[(0, c)].state == COMPLETE for c in range(4))
+    pruned = [t for t in trials.values() if t.state == PRUNED]
+    assert pruned and summary.pruned == len(pruned)
+    lookahead = 2  # popsize 4 with 2 workers
+    for t in trials.values():
+        g, c = t.user_attrs["generation"], t.user_attrs["candidate"]
+        assert FIRST_PASS_ATTR in t.user_attrs and set(t.user_attrs["scores.first_pass"]) == {"zoo_arith", "zoo_rev"}
+        earlier = [u.user_attrs[FIRST_PASS_ATTR] for (h, _), u in trials.items() if h <= g - (2 if c < lookahead else 1)]
+        bar = float(np.quantile(earlier, 0.5)) if earlier else -math.inf
+        assert (t.state == PRUNED) == (t.user_attrs[FIRST_PASS_ATTR] < bar), (g, c)
+        if t.state == PRUNED:
+            assert t.value == t.user_attrs["fitness"] == t.user_attrs[FIRST_PASS_ATTR]
+    best = store.trial(None)
+    assert best.state == COMPLETE and summary.best_number == best.number
+
+    from evomerge.status import studies_table, trials_table
+
+    assert "first pass)" in trials_table(cfg.storage, "fp-b")
+    header, *rows = studies_table(cfg.storage).splitlines()
+    assert "pruned" in header.split() and any(row.split()[2] == str(len(pruned)) for row in rows if row.startswith("fp-b"))
