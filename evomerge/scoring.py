@@ -134,23 +134,74 @@ class LmEvalScorer:
             self._splits = {split: _load_split(manager, self.specs, split) for split in SPLITS}
         self._lm: Any = None  # HFLM around the model last scored
 
-    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
-              fraction: float = 1.0) -> dict[str, float]:
-        """task name -> metric value on that split, computed afresh from the model's current weights;
-        `fraction` < 1 scores only the first part of each task's examples (a multi-fidelity first pass)."""
-        from lm_eval.evaluator import evaluate
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split) -> dict[str, float]:
+        """task name -> metric value on that split, computed afresh from the model's current weights."""
+        tasks = self._tasks(split)
+        results = self._evaluate(model, tokenizer, tasks, self._samples(tasks), log_samples=False)
+        return {spec.name: _metric(results["results"], spec, split) for spec in self.specs}
 
+    def score_first_pass(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
+                         fraction: float) -> FirstPassScores:
+        """Scores on the first `fraction` of each task's examples (at least one), keeping each task's
+        per-example metric values so that `score_rest` can finish the full scores without redoing them."""
+        tasks = self._tasks(split)
+        counts = self._counts(tasks, fraction)
+        samples = {name: list(range(n)) for name, n in counts.items()}
+        results = self._evaluate(model, tokenizer, tasks, samples, log_samples=True)
+        scores = {spec.name: _metric(results["results"], spec, split) for spec in self.specs}
+        full = self._counts(tasks, 1.0)
+        items = {}
+        for spec in self.specs:
+            leaf = self._single_leaf(tasks, spec)
+            if leaf is not None and counts[leaf.task_name] < full[leaf.task_name]:
+                items[spec.name] = _items(results["samples"][leaf.task_name], spec)
+        return FirstPassScores(scores, split, counts, items)
+
+    def score_rest(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, first: FirstPassScores) -> dict[str, float]:
+        """The full scores of the model `first` was computed on, exactly as `score` gives them: tasks whose
+        metric aggregates per-example values (every leaf task) score only the examples the first pass
+        did not, and aggregate all values in example order as lm-eval does; groups are scored again."""
+        tasks = self._tasks(first.split)
+        full = self._counts(tasks, 1.0)
+        samples = {}
+        for spec in self.specs:
+            for leaf in tasks.leaves[spec.name]:
+                start = first.counts[leaf.task_name] if spec.name in first.items else 0
+                samples[leaf.task_name] = list(range(start, full[leaf.task_name]))
+        results = self._evaluate(model, tokenizer, tasks, samples, log_samples=True)
+        out = {}
+        for spec in self.specs:
+            if spec.name in first.items:
+                leaf = tasks.leaves[spec.name][0]
+                aggregate = leaf.aggregation()[_metric_key(spec)[0]]
+                out[spec.name] = float(aggregate(first.items[spec.name] + _items(results["samples"][leaf.task_name], spec)))
+            else:
+                out[spec.name] = _metric(results["results"], spec, first.split)
+        return out
+
+    def _tasks(self, split: Split) -> _SplitTasks:
         if split not in SPLITS:
             raise ValueError(f"split = {split!r}; allowed: {', '.join(SPLITS)}")
+        return self._splits[split]
+
+    def _evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: _SplitTasks,
+                  samples: dict[str, list[int]], *, log_samples: bool) -> dict[str, Any]:
+        from lm_eval.evaluator import evaluate
+
         lm = self._hflm(model, tokenizer)
-        tasks = self._splits[split]
         for task in tasks.task_dict["tasks"].values():
             task.set_fewshot_seed(seed=_FEWSHOT_SEED)
         with _lm_eval_log_level(logging.WARNING), _no_request_progress_bars():
-            results = evaluate(
-                lm=lm, task_dict=tasks.task_dict, samples=self._samples(tasks, fraction), bootstrap_iters=0, log_samples=False
-            )
-        return {spec.name: _metric(results["results"], spec, split) for spec in self.specs}
+            return evaluate(lm=lm, task_dict=tasks.task_dict, samples=samples, bootstrap_iters=0, log_samples=log_samples)
+
+    def _single_leaf(self, tasks: _SplitTasks, spec: TaskSpec) -> Any:
+        """The task object when `spec` names one plain zero-shot task (not a group) whose metric lm-eval
+        aggregates from per-example values; None otherwise. (Few-shot contexts are drawn from one
+        sequence over the examples scored, so a pass that starts mid-way would draw other contexts.)"""
+        leaves = tasks.leaves[spec.name]
+        if len(leaves) != 1 or leaves[0].task_name != spec.name or (leaves[0].config.num_fewshot or 0) > 0:
+            return None
+        return leaves[0] if _metric_key(spec)[0] in leaves[0].aggregation() else None
 
     def fitness(self, scores: Mapping[str, float]) -> float:
         """Weighted mean of the task scores by TaskSpec.weight."""
@@ -173,19 +224,21 @@ class LmEvalScorer:
         model.eval()
         return self._lm
 
-    def _samples(self, tasks: _SplitTasks, fraction: float = 1.0) -> dict[str, list[int]]:
-        """Per-task limits as lm-eval `samples` (the first doc indices): evaluate() has one global limit.
-        A first pass takes the first `fraction` of those (at least one example)."""
+    def _samples(self, tasks: _SplitTasks) -> dict[str, list[int]]:
+        """Per-task limits as lm-eval `samples` (the first doc indices): evaluate() has one global limit."""
+        return {name: list(range(n)) for name, n in self._counts(tasks, 1.0).items()}
+
+    def _counts(self, tasks: _SplitTasks, fraction: float) -> dict[str, int]:
+        """Leaf task name -> how many of its first examples are scored: the limit (or all), times
+        `fraction` rounded up."""
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction = {fraction}; must be in (0, 1]")
-        samples = {}
+        counts = {}
         for spec in self.specs:
-            if spec.limit is None and fraction == 1:
-                continue
             for task in tasks.leaves[spec.name]:
                 n = len(task.eval_docs) if spec.limit is None else min(spec.limit, len(task.eval_docs))
-                samples[task.task_name] = list(range(max(1, math.ceil(fraction * n))))
-        return samples
+                counts[task.task_name] = max(1, math.ceil(fraction * n))
+        return counts
 
 
 def _check_specs(specs: Sequence[TaskSpec]) -> None:
@@ -239,6 +292,29 @@ def _missing_split_message(manager: TaskManager, spec: TaskSpec, split: Split, e
     listed = f" (splits: {', '.join(have)})" if have else ""
     return (f"task {spec.name!r} has no split {spec.split(split)!r}{listed}; set {field} to one of its splits "
             f"(lm-eval: KeyError {err})")
+
+
+@dataclass(frozen=True)
+class FirstPassScores:
+    """A multi-fidelity first pass: its scores, and what `LmEvalScorer.score_rest` needs to finish."""
+
+    scores: dict[str, float]
+    split: Split
+    counts: dict[str, int]  # leaf task name -> examples scored
+    items: dict[str, list[Any]]  # spec name -> per-example metric values, in example order (leaf tasks)
+
+
+def _metric_key(spec: TaskSpec) -> tuple[str, str]:
+    """(metric, filter) of a spec's metric, e.g. ("exact_match", "none")."""
+    metric, _, filter_name = spec.metric.partition(",")
+    return metric, filter_name or "none"
+
+
+def _items(samples: list[dict[str, Any]], spec: TaskSpec) -> list[Any]:
+    """The per-example values of spec's metric from lm-eval's logged samples, in example order."""
+    metric, filter_name = _metric_key(spec)
+    rows = sorted((s for s in samples if s.get("filter", "none") == filter_name), key=lambda s: s["doc_id"])
+    return [s[metric] for s in rows]
 
 
 def _metric(results: Mapping[str, Mapping[str, Any]], spec: TaskSpec, split: Split) -> float:

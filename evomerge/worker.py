@@ -122,15 +122,17 @@ class CandidateWorker:
         model, tokenizer = self._path_model if isinstance(recipe, PathRecipe) else (self.model, self.tokenizer)
         started = time.perf_counter()
         first = first_fitness = None
-        if first_pass is not None:
-            first = self.scorer.score(model, tokenizer, split, fraction=first_pass.fraction)
-            first_fitness = self.scorer.fitness(first)
+        if first_pass is None:
+            scores = self.scorer.score(model, tokenizer, split)
+        else:
+            partial = self.scorer.score_first_pass(model, tokenizer, split, first_pass.fraction)
+            first, first_fitness = partial.scores, self.scorer.fitness(partial.scores)
             if first_fitness < first_pass.promote_at:
                 return CandidateResult(scores=first, fitness=first_fitness, merge_s=merge_s,
                                        eval_s=time.perf_counter() - started, worker=self.name,
                                        peak_mem_mb=_peak_mem_mb(self.device), first_pass=first,
                                        first_pass_fitness=first_fitness, full=False)
-        scores = self.scorer.score(model, tokenizer, split)
+            scores = self.scorer.score_rest(model, tokenizer, partial)  # the first pass's examples are not redone
         eval_s = time.perf_counter() - started
         return CandidateResult(
             scores=scores,

@@ -67,13 +67,13 @@ from evomerge.zoo._data import N_EVAL_PER_SPLIT  # noqa: E402
 METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties", "cmaes_fp")
 LABELS = {
     "cmaes": "evomerge CMA-ES (default)",
-    "cmaes_fp": "evomerge CMA-ES + first pass (25%, top half in full)",
+    "cmaes_fp": "evomerge CMA-ES + first pass (multi-fidelity)",
     "random": "random search",
     "tpe": "Optuna TPE",
     "mergekit": "mergekit-evolve's CMA-ES",
     "cmaes_ties": "evomerge CMA-ES on mergekit's space",
 }
-FIRST_PASS = {"fraction": 0.25, "promote": 0.5}
+FIRST_PASS = {"fraction": 0.25, "promote": 0.5}  # --first-pass-fraction, --first-pass-promote
 ZOO_EXAMPLES = N_EVAL_PER_SPLIT  # examples per split of each zoo task
 MERGEKIT_SPACE = {  # mergekit-evolve's genome as an evomerge space: one method, weight and density per group x model
     "kind": "parameter",
@@ -248,13 +248,11 @@ def _read_results(store: StudyStore, result: RunResult) -> None:
     result.eval_s = round(sum(t.user_attrs.get("eval_s", 0.0) for t in finished), 2)
     per_task = {t.name: t.limit or ZOO_EXAMPLES for t in store.config.evaluation.tasks}
     first = store.config.evaluation.first_pass
-    for t in finished:
-        if t.state == state.FAIL:
-            continue
-        if first is not None:
-            result.examples += sum(max(1, math.ceil(first.fraction * n)) for n in per_task.values())
+    for t in finished:  # a promoted candidate's full pass skips its first-pass examples (zero-shot leaf tasks)
         if t.state == state.COMPLETE:
             result.examples += sum(per_task.values())
+        elif t.state == state.PRUNED:
+            result.examples += sum(max(1, math.ceil(first.fraction * n)) for n in per_task.values())
     top = sorted(store.completed(), key=fitness_of, reverse=True)[0]  # the trial score_heldout scored
     result.best, result.best_trial = fitness_of(top), top.number
     held = store.heldout(top.number)
@@ -334,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--zoo", type=Path, default=None, help="zoo cache folder (default: the test cache)")
     parser.add_argument("--verbose", action="store_true", help="print every trial")
+    parser.add_argument("--first-pass-fraction", type=float, default=FIRST_PASS["fraction"], help="cmaes_fp: share of examples in the first pass")
+    parser.add_argument("--first-pass-promote", type=float, default=FIRST_PASS["promote"], help="cmaes_fp: share of candidates scored in full")
     parser.add_argument("--replot", action="store_true", help="only rewrite <out>/bench_search.{md,png} from its .json")
     args = parser.parse_args(argv)
+    FIRST_PASS.update(fraction=args.first_pass_fraction, promote=args.first_pass_promote)
     if args.replot:
         data = json.loads((args.out / "bench_search.json").read_text())
         print(report(data, [RunResult(**r) for r in data["runs"]], args.out))
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             pool.close()
     wall_s = time.perf_counter() - wall_started
-    data = {"budget": args.budget, "seeds": args.seeds, "workers": args.workers, "wall_s": round(wall_s, 1),
+    data = {"budget": args.budget, "seeds": args.seeds, "workers": args.workers, "wall_s": round(wall_s, 1), "first_pass": FIRST_PASS,
             "worker_startup_s": round(pool.startup_s, 1), "runs": [asdict(r) for r in results]}
     (args.out / "bench_search.json").write_text(json.dumps(data, indent=1))
     print(report(data, results, args.out))
@@ -384,6 +385,11 @@ def report(data: dict, results: list[RunResult], out: Path) -> str:
               f"the held-out split. Total wall time {data['wall_s'] / 60:.1f} min (worker start-up "
               f"{data['worker_startup_s']:.0f}s). The CMA-ES and random rows repeat exactly from run to run; TPE's "
               f"proposals depend on the order in which asynchronous trials finish, so its row varies between runs.")
+    if "first_pass" in data and any(r.method == "cmaes_fp" for r in results):
+        fp = data["first_pass"]
+        header += (f" First pass: every candidate on the first {fp['fraction']:.0%} of each task's examples, those "
+                   f"reaching the top {fp['promote']:.0%} of earlier first passes on the rest; `examples` counts the "
+                   f"examples scored (pruned candidates never count as the best).")
     (out / "bench_search.md").write_text(f"{header}\n\n{md}\n")
     note = plot(results, data["budget"], out / "bench_search.png")
     return f"\n{header}\n\n{md}\n\n{note}\nwrote {out}/bench_search.{{md,json}}"

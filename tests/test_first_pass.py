@@ -33,10 +33,22 @@ def recipe(zoo_llama, tmp_path_factory):
 
 def test_first_pass_scores_the_first_part_of_each_task(worker: CandidateWorker) -> None:
     split = worker.scorer._splits["fitness"]
-    assert {k: len(v) for k, v in worker.scorer._samples(split, 0.25).items()} == {"zoo_arith": 10, "zoo_rev": 10}
-    assert {k: len(v) for k, v in worker.scorer._samples(split).items()} == {"zoo_arith": 40, "zoo_rev": 40}
+    assert worker.scorer._counts(split, 0.25) == {"zoo_arith": 10, "zoo_rev": 10}
+    assert worker.scorer._counts(split, 1.0) == {"zoo_arith": 40, "zoo_rev": 40}
     with pytest.raises(ValueError, match="fraction"):
-        worker.scorer._samples(split, 0.0)
+        worker.scorer._counts(split, 0.0)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.6])
+def test_two_passes_give_exactly_the_full_scores(worker: CandidateWorker, recipe, fraction: float) -> None:
+    """The full pass after a first pass scores only the remaining examples and aggregates all of them."""
+    worker.build(recipe)
+    model, tokenizer, scorer = worker.model, worker.tokenizer, worker.scorer
+    full = scorer.score(model, tokenizer, "fitness")
+    first = scorer.score_first_pass(model, tokenizer, "fitness", fraction)
+    assert set(first.items) == {"zoo_arith", "zoo_rev"}  # zero-shot leaf tasks: combinable
+    assert [len(v) for v in first.items.values()] == [math.ceil(fraction * 40)] * 2
+    assert scorer.score_rest(model, tokenizer, first) == full  # exactly
 
 
 def test_promoted_candidate_gets_exactly_the_full_scores(worker: CandidateWorker, recipe) -> None:
@@ -84,3 +96,15 @@ def test_search_with_a_first_pass_prunes_deterministically(zoo_llama, tmp_path: 
     assert "first pass)" in trials_table(cfg.storage, "fp-b")
     header, *rows = studies_table(cfg.storage).splitlines()
     assert "pruned" in header.split() and any(row.split()[2] == str(len(pruned)) for row in rows if row.startswith("fp-b"))
+
+
+def test_few_shot_tasks_are_scored_again_in_full(worker: CandidateWorker) -> None:
+    """Few-shot contexts come from one random sequence over the scored examples, so a pass starting mid-way
+    would see other contexts: such tasks are rescored whole, and the result is still exactly `score`'s."""
+    from evomerge.scoring import LmEvalScorer, TaskSpec
+    from zoo_fixtures import EVALUATORS_DIR
+
+    scorer = LmEvalScorer([TaskSpec("zoo_arith", num_fewshot=2, limit=12)], [EVALUATORS_DIR])
+    first = scorer.score_first_pass(worker.model, worker.tokenizer, "fitness", 0.25)
+    assert first.items == {} and first.counts == {"zoo_arith": 3}
+    assert scorer.score_rest(worker.model, worker.tokenizer, first) == scorer.score(worker.model, worker.tokenizer, "fitness")
