@@ -85,23 +85,28 @@ class WorkerPool:
         """Keep every actor busy with jobs from `next_job()` (None: nothing to hand out right now);
         yields each job with its outcome as soon as it is done.
 
-        A freed actor gets its next job before the outcome is yielded, so the caller's bookkeeping (study
-        writes) overlaps with evaluation; `next_job` is asked again after the caller is done with an
-        outcome, so a retry the caller queued meanwhile is picked up.
+        While every actor is busy, one job is made ahead (`next_job` starts its trial: study writes), so
+        the next actor to free up gets work at once instead of after those writes. A freed actor gets its
+        next job before the outcome is yielded, so the caller's bookkeeping overlaps with evaluation;
+        `next_job` is asked again after the caller is done with an outcome, so a retry the caller queued
+        meanwhile is picked up.
         """
         import ray
 
         in_flight: dict[Any, tuple[Job, int]] = {}
         idle = list(range(len(self.actors)))[::-1]
+        ahead: deque[Job] = deque()  # at most one job made while every actor was busy
 
         def fill() -> None:
             while idle:
-                job = next_job()
+                job = ahead.popleft() if ahead else next_job()
                 if job is None:
                     return
                 slot = idle.pop()
                 args = (job.recipe, job.split) if job.first_pass is None else (job.recipe, job.split, job.first_pass)
                 in_flight[self.actors[slot].evaluate.remote(*args)] = (job, slot)
+            if not ahead and (job := next_job()) is not None:
+                ahead.append(job)
 
         fill()
         while in_flight:

@@ -6,8 +6,9 @@ time drawn from [low, high] by hashing the recipe (high = 3 x low by default: ev
 vary 3x) and returns a smooth fitness of the recipe's numbers.
 
   utilization   = time the workers spent evaluating / (workers x wall time of the search loop)
-  overhead/trial = (wall - time the controller spent waiting for a result) / trials: asking, telling,
-                   decoding, and the study writes (start_trial, finish_trial, optimizer checkpoints)
+  overhead/trial = controller time per trial: (wall - time spent waiting for a result + time spent in
+                   next_job, which the pool calls while it waits) / trials: asking, telling, decoding,
+                   and the study writes (start_trial, finish_trial, optimizer checkpoints)
 
 Three sections:
   generations  SearchRun.generations (CMA-ES: each generation told whole, in order), popsize = 1x, 2x, 4x
@@ -19,7 +20,7 @@ Three sections:
   simulated    the same two policies in a discrete-event simulation with evomerge's CMA-ES controller on
                a 12-gene quadratic, to compare the best fitness reached per evaluation and per wall second
 
-    python scripts/bench_sched.py                        # everything: about 8 minutes on 2 cores
+    python scripts/bench_sched.py | tee docs/results/bench_sched.txt   # everything: about 12 minutes on 2 cores
     python scripts/bench_sched.py --sections simulated   # the policy comparison alone: 20 s
     python scripts/bench_sched.py --workers 8 16 --sections generations simulated
 
@@ -131,6 +132,7 @@ class Meter:
 
     pool: object
     wait_s: float = 0.0
+    job_s: float = 0.0  # inside next_job (trial creation), which runs while the pool waits
     busy_s: float = 0.0
     trials: int = 0
 
@@ -139,7 +141,14 @@ class Meter:
         return self.pool.size
 
     def run(self, next_job) -> Iterator[tuple[object, object]]:
-        results = self.pool.run(next_job)
+        def timed_next_job():
+            started = time.perf_counter()
+            try:
+                return next_job()
+            finally:
+                self.job_s += time.perf_counter() - started
+
+        results = self.pool.run(timed_next_job)
         while True:
             started = time.perf_counter()
             try:
@@ -166,13 +175,13 @@ class Row:
 
 
 def measure(section: str, meter: Meter, n_workers: int, popsize: int, spread: str, loop) -> Row:
-    meter.wait_s = meter.busy_s = 0.0
+    meter.wait_s = meter.busy_s = meter.job_s = 0.0
     meter.trials = 0
     started = time.perf_counter()
     loop()
     wall_s = time.perf_counter() - started
     return Row(section, n_workers, popsize, spread, meter.trials, wall_s, meter.busy_s / (n_workers * wall_s),
-               1000 * (wall_s - meter.wait_s) / max(meter.trials, 1))
+               1000 * (wall_s - meter.wait_s + meter.job_s) / max(meter.trials, 1))
 
 
 def run_generations(folder: Path, meter: Meter, worker_cls: type, n_workers: int, popsize: int, generations: int,
@@ -321,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mults", type=int, nargs="+", default=[1, 2, 4], help="popsize = mult x workers")
     parser.add_argument("--low", type=float, default=1.0, help="shortest evaluation, seconds")
     parser.add_argument("--high", type=float, default=3.0, help="longest evaluation, seconds")
-    parser.add_argument("--trials-per-worker", type=int, default=8, help="budget per run = this x workers (rounded up to whole generations)")
+    parser.add_argument("--trials-per-worker", type=int, default=24, help="budget per run = this x workers (rounded up to whole generations)")
     parser.add_argument("--study-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
                         help="where the SQLite studies go (default: /dev/shm, so disk fsyncs do not dominate)")
     parser.add_argument("--min-generations", type=int, default=2)
