@@ -7,7 +7,6 @@ checkpoints). Sharing it is what makes an exported checkpoint score exactly what
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -15,7 +14,7 @@ import torch
 
 from evomerge.checkpoints import Checkpoint, TensorInfo, check_mergeable, dtype_of
 from evomerge.layout import LayerGroups, group_of_each, num_layers, tensor_kind
-from evomerge.merge import DeltaStats, MethodSpec, get_method, merge_tensor
+from evomerge.merge import DeltaStats, MethodSpec, Noise, get_method, merge_tensor
 from evomerge.recipe import Recipe
 
 DELTA_DTYPE = torch.float32  # task vectors are kept in fp32 so every build path rounds the same way
@@ -34,21 +33,22 @@ def task_vectors(base: torch.Tensor, sources: Sequence[torch.Tensor | Callable[[
     return out
 
 
-def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """A generator seeded by the recipe seed and the tensor name (stable across processes)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    return gen
+def tensor_noise(seed: int, name: str) -> Noise:
+    """The uniforms random methods draw for tensor `name`: a hash of (recipe seed, name, model, entry),
+    the same on every device and in every process (see evomerge.merge._random)."""
+    return Noise(seed, name)
 
 
 class MergeCache:
     """Per-worker precomputation over resident task vectors, reused by every candidate.
 
-    It keeps one `DeltaStats` per tensor name: each source's sorted |delta| (so a TIES or Breadcrumbs
-    density becomes a binary search instead of a selection per model per candidate), the L1 norms used
-    by DARE/DELLA rescaling and DELLA's row ranks. Entries are made on first use, by the methods that
-    need them, and cost 4 bytes per entry per source: as much again as the task vectors. Merges with
-    and without a cache are bit-identical.
+    It keeps one `DeltaStats` per tensor name, filled on first use by the methods that need it, per
+    entry per source: TIES/Breadcrumbs keep the sorted |delta| and its order (8 bytes), so a density
+    is a binary search instead of a selection per model per candidate; DARE/DELLA keep the entry's
+    uniform (4 bytes; it depends on the recipe seed, tensor name and index only, so a mask is one
+    comparison per candidate), DARE also the entries' order by uniform (4 bytes; its L1 rescale is
+    then a lookup, not a pass), and DELLA its row ranks (4 bytes). The task vectors themselves take
+    4 bytes. Merges with and without a cache are bit-identical.
     """
 
     def __init__(self) -> None:
@@ -73,9 +73,9 @@ def merge_named(
     cache: MergeCache | None = None,
 ) -> torch.Tensor:
     """The merged tensor `name` in the base's dtype (bit-identical with or without `cache`)."""
-    gen = tensor_generator(recipe.seed, name, deltas.device) if spec.random else None
+    noise = tensor_noise(recipe.seed, name) if spec.random else None
     stats = cache.stats(name, deltas) if cache is not None and spec.uses_stats else None
-    merged = merge_tensor(spec, base, deltas, recipe.groups[group], gen, stats=stats)
+    merged = merge_tensor(spec, base, deltas, recipe.groups[group], noise, stats=stats)
     return merged.to(base.dtype)
 
 

@@ -2,7 +2,8 @@
 
 It names the method, the base and source models, and the method's parameters for each layer group
 (per-model parameters as one value per source, global parameters as one float). Random methods draw
-from a generator seeded by `seed` and the tensor's name, so a recipe rebuilds the same tensors anywhere.
+uniforms hashed from `seed`, the tensor's name and each entry's index, so a recipe rebuilds the same
+tensors anywhere, on any device.
 
 Per tensor kind. With `kinds` (e.g. `("attention", "mlp", "other")`) each layer group has one parameter
 mapping per kind, and `groups` holds them flat, layer group major: `groups[g * len(kinds) + k]`. The last

@@ -2,6 +2,7 @@
 
     python scripts/bench_merge.py                      # ~200M-parameter Llama shape, 3 sources, 2 layer groups
     python scripts/bench_merge.py --mergekit-python /tmp/mkvenv/bin/python
+    python scripts/bench_merge.py --threads 1 --cpu-time     # one thread, CPU time: steady on a busy machine
 
 A synthetic Llama-shaped model (scripts/make_synthetic_models.py shapes; random weights, nothing is
 downloaded) and three perturbed sources are made in memory. The build is the worker's: base tensors and
@@ -9,9 +10,13 @@ fp32 task vectors resident, `merge_named` per tensor copied into a preallocated 
 base's dtype (bf16), with one `MergeCache` for the whole run (as a worker keeps one) and without. Each
 candidate draws new parameters per layer group, so nothing but the cache carries over. "first" is a
 method's first cached build, which fills what that method needs and is not yet there (ties sorts each
-task vector, which breadcrumbs then reuses; della ranks rows). The bound is one pass in the same run
-that reads every task vector once and writes the output (`out.copy_(deltas.sum(0))` per tensor).
-Times are medians over repeats; on a busy machine, `--threads 1` gives steadier numbers.
+task vector, which breadcrumbs then reuses; dare_ties hashes each entry's uniform, which della reuses,
+and orders the entries by it; della ranks rows). The bound is one pass in the same run
+that reads every task vector once and writes the output (`out.copy_(deltas.sum(0))` per tensor),
+timed after every cached build and at the end (median).
+Times are medians over repeats; on a busy machine, `--threads 1` gives steadier numbers, and
+`--threads 1 --cpu-time` steadier still: each time is this thread's CPU time, which other processes
+on the machine do not add to (it still counts what they cost in cache misses).
 
 mergekit column: mergekit 0.1.5's own merge method (the same `merge_method` object mergekit-yaml runs)
 called per tensor on the same in-memory tensors (fp32 base and sources, dtype float32), with each
@@ -43,6 +48,7 @@ from make_synthetic_models import llama_config, llama_shapes, synthetic_tensor  
 
 METHODS = ("ties", "dare_ties", "breadcrumbs", "della")
 N_GROUPS = 2
+clock = time.perf_counter  # time.thread_time with --cpu-time
 
 
 def candidate_params(method: str, rng: torch.Generator, n_sources: int) -> list[dict]:
@@ -81,18 +87,18 @@ def make_inputs(n_params: float, n_sources: int) -> tuple[dict, dict[str, torch.
 def time_build(recipe, base, deltas, out, groups, cache) -> float:
     from evomerge.build import check_recipe, merge_named
 
-    started = time.perf_counter()
+    started = clock()
     spec = check_recipe(recipe)
     for name, target in out.items():
         target.copy_(merge_named(recipe, spec, name, groups[name], base[name], deltas[name], cache=cache))
-    return time.perf_counter() - started
+    return clock() - started
 
 
 def time_bound(deltas, out) -> float:
-    started = time.perf_counter()
+    started = clock()
     for name, target in out.items():
         target.copy_(deltas[name].sum(0))
-    return time.perf_counter() - started
+    return clock() - started
 
 
 def bench_ours(args, config, base, deltas) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, list]]:
@@ -103,19 +109,22 @@ def bench_ours(args, config, base, deltas) -> tuple[dict[str, dict[str, float]],
     groups = group_of_each(list(base), LayerGroups(config["num_hidden_layers"], N_GROUPS))
     out = {n: torch.empty_like(t) for n, t in base.items()}
     rng = torch.Generator().manual_seed(0)
-    rows, candidates = {}, {}
+    rows, candidates, bounds = {}, {}, []
     cache = MergeCache()  # one per worker, whatever the method: sorted magnitudes serve ties and breadcrumbs
     for method in args.methods:
         cands = [candidate_params(method, rng, args.sources) for _ in range(args.repeats + 1)]
         candidates[method] = cands
         recipes = [Recipe(method, "base", tuple(f"s{i}" for i in range(args.sources)), tuple(g), seed=1) for g in cands]
         first = time_build(recipes[0], base, deltas, out, groups, cache)
-        cached = [time_build(r, base, deltas, out, groups, cache) for r in recipes[1:]]
+        cached = []
+        for r in recipes[1:]:  # a bound next to each build, so load that comes and goes hits both
+            cached.append(time_build(r, base, deltas, out, groups, cache))
+            bounds.append(time_bound(deltas, out))
         plain = [time_build(r, base, deltas, out, groups, None) for r in recipes[1 : 1 + args.uncached_repeats]]
         rows[method] = {"first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain) if plain else float("nan")}
         print(f"  {method}: first {first:.2f}s, cached {rows[method]['cached']:.2f}s, uncached {rows[method]['uncached']:.2f}s", flush=True)
     del cache
-    rows["_bound"] = {"bound": statistics.median(time_bound(deltas, out) for _ in range(3))}
+    rows["_bound"] = {"bound": statistics.median(bounds + [time_bound(deltas, out) for _ in range(3)])}
     return rows, groups, candidates
 
 
@@ -125,6 +134,7 @@ def bench_mergekit(args, groups: dict[str, int], candidates: dict[str, list]) ->
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     cmd = [args.mergekit_python, __file__, "--mergekit-child", f.name, "--threads", str(torch.get_num_threads())]
+    cmd += ["--cpu-time"] if args.cpu_time else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     Path(f.name).unlink()
     if done.returncode != 0:
@@ -149,11 +159,11 @@ def mergekit_child(spec_file: str) -> None:
         runs = []
         for groups_params in cands[1 : 1 + spec["repeats"]]:
             mk_params = [{("lambda" if k == "lambda_" else k): v for k, v in g.items()} for g in groups_params]
-            started = time.perf_counter()
+            started = clock()
             for name, group in spec["groups"].items():
                 inputs = TensorGroup.from_tensors(tensors[name], base_index=0)
                 merge([inputs], parameters=mk_params[group], dtype=torch.float32)
-            runs.append(time.perf_counter() - started)
+            runs.append(clock() - started)
         times[method] = statistics.median(runs)
         print(f"  mergekit {method}: {times[method]:.2f}s", file=sys.stderr, flush=True)
     print(json.dumps(times))
@@ -182,12 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="cached candidates per method after the first (median)")
     parser.add_argument("--uncached-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="time by this thread's CPU time (needs --threads 1)")
     parser.add_argument("--mergekit-python", help="a Python with mergekit 0.1.5 (see the docstring)")
     parser.add_argument("--mergekit-repeats", type=int, default=1)
     parser.add_argument("--mergekit-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        if torch.get_num_threads() != 1:
+            parser.error("--cpu-time counts one thread's CPU time; add --threads 1")
+        global clock
+        clock = time.thread_time
     if args.mergekit_child:
         mergekit_child(args.mergekit_child)
         return 0

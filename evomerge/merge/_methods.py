@@ -2,7 +2,7 @@
 
 Every method: base (*S) any float dtype; deltas (E, *S) task vectors (source - base); per-model
 parameters as (E,) fp32 tensors, global ones as floats; returns the merged full weights (*S) in fp32.
-Inputs are never written; randomness comes only from `generator`.
+Inputs are never written; randomness comes only from `noise` (counter-based uniforms, see `_random`).
 
 The task-vector family is mergekit's generalized task arithmetic: sparsify each delta, weight it,
 optionally elect signs (TIES), sum, optionally divide by the summed weights, scale by lambda_:
@@ -36,6 +36,7 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
+from evomerge.merge._random import Noise
 from evomerge.merge._registry import ParamSpec, Resolved, register
 from evomerge.merge._sparsify import (
     DeltaStats,
@@ -58,11 +59,20 @@ SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this is colinear, so slerp
 SLERP_NORM_EPS = 1e-8  # mergekit: norms at or below this count as 1
 STOCK_NORM_EPS = 1e-6  # mergekit model_stock: floor of |d_i| * |d_j| in the cosine
 STOCK_SINGULAR = 1e-6  # mergekit model_stock: |1 + (N-1) cos| below this keeps the base
-# Entries (all models together) per CPU step of _mix: the (E, chunk) temporaries stay in cache, and
-# below torch's intra-op grain (32768) each op runs on one thread: no per-op thread barrier, which on a
-# busy 2-core machine cost 4x (measured). On a GPU, kernel launches cost more than memory: large steps.
-MIX_CHUNK = (1 << 15) - 1
+# Entries (all models together) per CPU step of _mix: large steps, since the per-op overhead of eager
+# torch outweighs cache misses (3 << 17 measured best for 3 models: 2.5x faster than 32K steps on one
+# thread, a CPU worker's default, and 2.9x on two threads of a 2-core machine at load 2, where the ops
+# then run in parallel). When other processes oversubscribe the cores, the per-op thread barriers of
+# parallel ops cost several times more (measured 3x slower than 32K steps at load 5): give such
+# workers one thread. On a GPU, kernel launches cost more than memory: larger steps. Bits do not
+# depend on the step.
+MIX_CHUNK = 3 << 17
 MIX_CHUNK_ACCELERATOR = 1 << 24
+
+
+def _step(n_models: int, device: torch.device) -> int:
+    """Entries per model per step of _mix."""
+    return max(1, (MIX_CHUNK if device.type == "cpu" else MIX_CHUNK_ACCELERATOR) // n_models)
 
 
 def _mix(
@@ -80,56 +90,79 @@ def _mix(
     keep_e(d_e) * scale_e (keeps: one per model, None keeps all; scale (E,)), in fp32.
 
     Every step after sparsifying is per entry, so it runs over chunks of entries: the working
-    tensors are (E, chunk) and stay in cache, and memory beyond the inputs is the output alone. The
-    chunk steps are float arithmetic only (bool tensors cost several times more per entry on the CPU);
-    each equals mergekit's formula exactly, as noted.
+    tensors are (E, chunk) buffers made once and reused, so they stay in cache, and memory beyond the
+    inputs is the output alone. Each chunk is about a dozen float ops, in place where they can be
+    (bool tensors cost several times more per entry on the CPU); each equals mergekit's formula, as noted.
     """
     n_models = len(deltas)
     flat, base_flat = deltas.reshape(n_models, -1), base.reshape(-1)
     out = torch.empty(base_flat.shape, dtype=torch.float32, device=deltas.device)
     w = weight.to(device=deltas.device, dtype=torch.float32).view(n_models, 1)
-    s = None if scale is None else scale.to(w).view(n_models, 1)
-    plain_divisor = torch.where(w.sum(0).abs() < 1e-8, torch.ones_like(w[0]), w.sum(0))  # (1,)
-    step = max(1024, MIX_CHUNK // n_models) if deltas.device.type == "cpu" else MIX_CHUNK_ACCELERATOR  # same bits
+    factor = w if scale is None else w * scale.to(w).view(n_models, 1)  # (E, 1): w_e * rescale_e
+    plain_divisor = float(torch.where(w.sum(0).abs() < 1e-8, torch.ones_like(w[0]), w.sum(0)))
+    # mergekit sets a zero divisor to 1; with no negative weight it is 0 only where no model agrees
+    # (and the sum is 0 too), so a clamp at the smallest positive weight does the same in one op
+    zero_fix = float(w[w > 0].min()) if normalize and bool((w >= 0).all() & (w > 0).any()) else None
+    step = _step(n_models, deltas.device)
+    work = torch.empty((n_models + 2, min(step, flat.shape[1])), dtype=torch.float32, device=deltas.device)
+    one = torch.ones((), device=deltas.device)
     for start in range(0, flat.shape[1], step):
-        chunk = slice(start, start + step)
-        kept = _kept_chunk(flat[:, chunk].float(), keeps, start)
-        if s is not None:
-            kept = kept * s
-        weighted = kept * w  # (E, c)
+        rows = flat[:, start : start + step]
+        weighted, (mixed, sign) = work[:n_models, : rows.shape[1]], work[n_models:, : rows.shape[1]]
+        _weighted_chunk(rows, keeps, start, factor, weighted)  # (E, c)
         if elect_sign:
-            agree = _agreeing(weighted)  # (E, c), 1.0 where a model agrees with the elected sign, else 0
-            mixed = (weighted * agree).sum(0)
-            divisor = _nonzero_or_one((agree.mul_(w)).sum(0))
+            divisor = _elect_and_sum(weighted, w, mixed, sign, one, normalize, zero_fix)
         else:
-            mixed, divisor = weighted.sum(0), plain_divisor
+            torch.sum(weighted, 0, out=mixed)
+            divisor = plain_divisor
+        chunk = out[start : start + rows.shape[1]]
+        chunk.copy_(base_flat[start : start + rows.shape[1]])
+        if normalize and isinstance(divisor, Tensor):
+            chunk.addcdiv_(mixed, divisor, value=lambda_)  # base + lambda_ * mixed / divisor
+            continue
         if normalize:
-            mixed = mixed / divisor
-        out[chunk] = base_flat[chunk].float() + lambda_ * mixed
+            mixed.div_(divisor)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        chunk.add_(mixed)
     return out.view(base.shape)
 
 
-def _kept_chunk(rows: Tensor, keeps: list[Keep | None] | None, start: int) -> Tensor:
-    """(E, c) chunk of the sparsified task vectors (a fresh tensor when any model sparsifies)."""
+def _weighted_chunk(rows: Tensor, keeps: list[Keep | None] | None, start: int, factor: Tensor, out: Tensor) -> None:
+    """out (E, c) = keep_e(rows_e) * factor_e: the sparsified, rescaled and weighted task vectors."""
     if keeps is None or all(k is None for k in keeps):
-        return rows
-    return torch.stack([row if keep is None else keep.apply(row, start) for row, keep in zip(rows, keeps)])
+        torch.mul(rows, factor, out=out)
+        return
+    for e, keep in enumerate(keeps):  # indexing: iterating a tensor unbinds it, which costs more
+        if keep is None:
+            out[e].copy_(rows[e])
+        else:
+            keep.write(rows[e] if rows.dtype == torch.float32 else rows[e].float(), start, out[e])
+    out.mul_(factor)
 
 
-def _agreeing(weighted: Tensor) -> Tensor:
-    """TIES sign election (mergekit consensus ``sum``): the elected sign is that of the sum of weighted
-    deltas, + where the sum is 0 (mergekit: sum >= 0); a model agrees where its weighted delta is
-    nonzero with that sign. Returns 1.0 / 0.0 as fp32 (E, c).
+def _elect_and_sum(
+    weighted: Tensor, w: Tensor, mixed: Tensor, sign: Tensor, one: Tensor, normalize: bool, zero_fix: float | None
+) -> Tensor | None:
+    """TIES sign election (mergekit consensus ``sum``) and the agreeing sum, into mixed (c,);
+    returns the divisor (the agreeing weights' sum, 1 where it is 0) when normalize. weighted (E, c)
+    is used up. zero_fix: a value to clamp the divisor at instead (see _mix), or None.
 
-    sign(2 * sign(sum) + 1) is +1 for sum >= 0 (-0.0 included) and -1 below; weighted * elected > 0
-    is agreement, and clamping at 0 then taking the sign turns it into 1.0 / 0.0."""
-    elected = (weighted.sum(0).sign() * 2 + 1).sign_()  # (c,)
-    return (weighted * elected).clamp_(min=0).sign_()
-
-
-def _nonzero_or_one(divisor: Tensor) -> Tensor:
-    """mergekit's divisor[divisor == 0] = 1, in float ops: d + (1 - sign(|d|)) is d, or 1 where d is 0."""
-    return divisor + (1 - divisor.abs().sign())
+    The elected sign is that of sum_e weighted_e, + where the sum is 0 (mergekit: sum >= 0), as
+    copysign(1, sum); a model agrees where weighted_e * sign > 0. (A sum of -0.0 elects -, but then
+    every weighted_e is 0 and no model agrees either way.) With t_e = max(weighted_e * sign, 0), the
+    agreeing sum is sign * sum_e t_e, and a model agrees exactly where t_e > 0."""
+    torch.sum(weighted, 0, out=mixed)
+    torch.copysign(one, mixed, out=sign)  # (c,) +-1
+    weighted.mul_(sign).clamp_(min=0)  # t_e
+    torch.sum(weighted, 0, out=mixed)
+    mixed.mul_(sign)
+    if not normalize:
+        return None
+    divisor = torch.mm(w.view(1, -1), weighted.sign_()).view(-1)  # sum of the agreeing models' weights
+    if zero_fix is not None:
+        return divisor.clamp_(min=zero_fix)  # 0 (mixed 0 there) -> zero_fix; others are >= it already
+    return divisor.masked_fill_(divisor == 0, 1.0)  # mergekit: divisor[divisor == 0] = 1
 
 
 # --- task-vector family (mergekit generalized_task_arithmetic) -----------------------------------
@@ -137,7 +170,7 @@ def _nonzero_or_one(divisor: Tensor) -> Tensor:
 
 @register(WEIGHT, LAMBDA)
 def task_arithmetic(
-    base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, generator: torch.Generator | None = None
+    base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, noise: Noise | None = None
 ) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): base + lambda_ * sum_i w_i d_i."""
     return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_)
@@ -151,7 +184,7 @@ def ties(
     weight: Tensor,
     density: Tensor,
     lambda_: float,
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): trim to the top-density magnitudes per model, elect the sign
@@ -168,12 +201,13 @@ def dare_ties(
     weight: Tensor,
     density: Tensor,
     lambda_: float,
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2024) drop-and-rescale, then TIES sign election; not normalized (mergekit)."""
-    keeps = random_keep(deltas, density, generator)
-    scale = rescale_l1(deltas, keeps, stats or DeltaStats(deltas))
+    stats = stats or DeltaStats(deltas)
+    keeps = random_keep(density, noise or Noise(), stats)
+    scale = rescale_l1(keeps, stats)
     return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
 
 
@@ -185,12 +219,13 @@ def dare_linear(
     weight: Tensor,
     density: Tensor,
     lambda_: float,
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2024) drop-and-rescale, then task arithmetic."""
-    keeps = random_keep(deltas, density, generator)
-    scale = rescale_l1(deltas, keeps, stats or DeltaStats(deltas))
+    stats = stats or DeltaStats(deltas)
+    keeps = random_keep(density, noise or Noise(), stats)
+    scale = rescale_l1(keeps, stats)
     return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
 
 
@@ -203,7 +238,7 @@ def breadcrumbs(
     density: Tensor,
     gamma: Tensor,
     lambda_: float,
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the gamma largest and the smallest
@@ -221,7 +256,7 @@ def breadcrumbs_ties(
     density: Tensor,
     gamma: Tensor,
     lambda_: float,
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """Model Breadcrumbs sparsification, then TIES sign election; not normalized (mergekit)."""
@@ -250,14 +285,14 @@ def della(
     density: Tensor,
     epsilon: Tensor,
     lambda_: float,
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """DELLA-Merging (Deep et al. 2024): MagPrune (keep probability rises with magnitude rank,
     density +- epsilon), L1 rescale, TIES sign election, normalized (mergekit)."""
     stats = stats or DeltaStats(deltas)
-    keeps = rank_sampled_keep(deltas, density, epsilon, generator, stats)
-    scale = rescale_l1(deltas, keeps, stats)
+    keeps = rank_sampled_keep(density, epsilon, noise or Noise(), stats)
+    scale = rescale_l1(keeps, stats)
     return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps, scale=scale)
 
 
@@ -270,13 +305,13 @@ def della_linear(
     density: Tensor,
     epsilon: Tensor,
     lambda_: float,
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """DELLA MagPrune and L1 rescale, then task arithmetic (no sign election, not normalized)."""
     stats = stats or DeltaStats(deltas)
-    keeps = rank_sampled_keep(deltas, density, epsilon, generator, stats)
-    scale = rescale_l1(deltas, keeps, stats)
+    keeps = rank_sampled_keep(density, epsilon, noise or Noise(), stats)
+    scale = rescale_l1(keeps, stats)
     return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
 
 
@@ -293,14 +328,14 @@ def _weights_not_all_zero(values: Resolved, n_models: int) -> str | None:
 
 
 @register(ParamSpec("weight", 0.0, 1.0, 1.0, per_model=True), constraints=(_weights_not_all_zero,))
-def linear(base: Tensor, deltas: Tensor, *, weight: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def linear(base: Tensor, deltas: Tensor, *, weight: Tensor, noise: Noise | None = None) -> Tensor:
     """Weighted average of the source models (model soups, Wortsman et al. 2022), normalized as in
     mergekit: sum_i w_i x_i / sum_i w_i = base + sum_i w_i d_i / sum_i w_i. The base gets no weight."""
     return _mix(base, deltas, weight, elect_sign=False, normalize=True, lambda_=1.0)
 
 
 @register(ParamSpec("t", 0.0, 1.0, 0.5, per_model=False), max_models=1)
-def slerp(base: Tensor, deltas: Tensor, *, t: float, generator: torch.Generator | None = None) -> Tensor:
+def slerp(base: Tensor, deltas: Tensor, *, t: float, noise: Noise | None = None) -> Tensor:
     """Spherical interpolation from the base (t=0) to the one source (t=1), over the whole tensor
     flattened (mergekit): v0, v1 raw weights, angle from their normalized dot product; lerp when
     |cos| > 0.9995."""
@@ -327,7 +362,7 @@ def _mean_pairwise_cosine(flat: Tensor) -> Tensor:
 
 
 @register(min_models=2)
-def model_stock(base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+def model_stock(base: Tensor, deltas: Tensor, *, noise: Noise | None = None) -> Tensor:
     """Model Stock (Jang et al. 2024), per whole tensor as in mergekit (filter_wise false):
     cos = mean pairwise cosine of the deltas, t = N cos / (1 + (N - 1) cos), merged = base + t * mean(d);
     keeps the base where 1 + (N - 1) cos is about 0."""
@@ -367,7 +402,7 @@ def consensus(
     tall_lambda: Tensor,
     k: float,
     lambda_: float,
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
 ) -> Tensor:
     """Consensus Merging with TALL masks (Wang et al. 2024, "Localizing Task Information for Improved
     Model Merging and Compression"), on task arithmetic:

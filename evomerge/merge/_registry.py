@@ -1,6 +1,6 @@
 """The merge-method registry: what each method takes, how its parameters are checked, one call path.
 
-A method is a pure function ``fn(base, deltas, *, generator, **params) -> Tensor`` registered with
+A method is a pure function ``fn(base, deltas, *, noise, **params) -> Tensor`` registered with
 ``@register(ParamSpec, ...)``; its registry id is its function name. ``merge_tensor`` is the one way
 to call a method: it fills defaults, checks every value against its ``ParamSpec`` (errors are one
 line that names method, parameter, value, allowed range and fix) and turns per-model values into
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import ConfigError
+from evomerge.merge._random import Noise
 from evomerge.merge._sparsify import DeltaStats
 
 ParamValue: TypeAlias = float | Sequence[float] | Tensor
@@ -76,7 +77,7 @@ class MethodSpec:
     needs_base: bool  # every method here works on deltas from a base; kept for clarity
     min_models: int = 1  # number of source (non-base) models allowed
     max_models: int | None = None
-    random: bool = False  # draws from the generator (dare_*, della*)
+    random: bool = False  # draws uniforms from `noise` (dare_*, della*)
     constraints: tuple[Constraint, ...] = ()
     uses_stats: bool = False  # takes `stats` (a DeltaStats): sparsifiers, whose edges can be precomputed
 
@@ -200,12 +201,14 @@ def merge_tensor(
     base: Tensor,
     deltas: Tensor,
     params: Mapping[str, ParamValue],
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     *,
     stats: DeltaStats | None = None,
 ) -> Tensor:
     """Merge one tensor. base: (*S) any float dtype; deltas: (E, *S) task vectors (source - base);
     params: floats, or one value per model for per-model params. Returns (*S) fp32 full weights.
+
+    noise: the uniforms random methods draw (`Noise(seed, tensor_name)`; None: Noise()).
 
     stats: a `DeltaStats` built on these same deltas, kept by a caller that merges them many times
     (it holds their sorted magnitudes, so sparsifying needs no selection); results are bit-identical
@@ -224,4 +227,4 @@ def merge_tensor(
         if stats is not None and stats.deltas is not deltas:
             raise ValueError(f"{spec.name}: stats were built for other task vectors; build one DeltaStats per deltas tensor")
         kwargs["stats"] = stats
-    return spec.fn(base, deltas, generator=generator, **kwargs)
+    return spec.fn(base, deltas, noise=noise, **kwargs)

@@ -17,10 +17,18 @@ index order) it takes. Finding an edge costs a radix select (two histogram passe
 or, once `DeltaStats(keep_sorted=True)` has sorted each task vector, a binary search: a worker that
 builds many candidates from the same task vectors keeps one DeltaStats per tensor. Both ways find the
 same edges, so the merges are bit-identical.
+
+Random keeps (DARE, DELLA) compare each entry's uniform, a hash of (recipe seed, tensor name, model,
+entry) from `_random`, with its keep probability, so they are the same on every device. The uniforms
+depend on no merge parameter: a DeltaStats with keep_sorted keeps them, and a mask is then one
+comparison per candidate. The L1 rescale they need sums |delta| exactly, in int64 fixed point, so
+DARE's cached lookup (entries bucketed by uniform) and a pass over the entries give the same integer.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +36,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from evomerge.merge._random import UNIFORM_BITS, Noise
 
 NORM_EPS = 1e-7  # mergekit rescaled_masked_tensor: below this L1 norm, a task vector is not rescaled
 
@@ -61,15 +71,20 @@ class DeltaStats:
     With keep_sorted=False (the default, one merge) magnitude edges come from a radix select per call.
     With keep_sorted=True each model's |delta| is sorted once, stably, and the sorted values and their
     flat indices are kept (8 bytes per entry per model, twice the task vectors): an edge is then a
-    binary search and a cut point an index lookup. The L1 norms and DELLA's row ranks are kept too.
+    binary search and a cut point an index lookup. The L1 norms are kept too, and, made by the random
+    methods on first use: the uniform levels of one noise stream (4 bytes per entry per model), DARE's
+    order of entries by level (4 bytes) and DELLA's row ranks (4 bytes).
     """
 
     def __init__(self, deltas: Tensor, *, keep_sorted: bool = False) -> None:
         self.deltas = deltas
         self.keep_sorted = keep_sorted
         self._sorted: list[tuple[Tensor, Tensor] | None] = [None] * len(deltas)
-        self._l1: Tensor | None = None
+        self._fixed_l1: list[tuple[int, int] | None] = [None] * len(deltas)
         self._row_ranks: list[Tensor | None] = [None] * len(deltas)
+        self._noise: Noise | None = None  # the stream the levels below belong to
+        self._levels: list[Tensor | None] = [None] * len(deltas)
+        self._buckets: list[_UniformBuckets | None] = [None] * len(deltas)
 
     def flat(self, e: int) -> Tensor:
         return self.deltas[e].reshape(-1)
@@ -103,38 +118,151 @@ class DeltaStats:
             self._sorted[e] = bits.view(torch.float32), order.to(torch.int32)
         return self._sorted[e]
 
-    def l1(self) -> Tensor:
-        """(E,) L1 norm of each model's task vector (mergekit rescale's `before`)."""
-        if self._l1 is None:
-            self._l1 = torch.stack([self.flat(e).float().abs().sum() for e in range(len(self.deltas))])
-        return self._l1
+    def fixed_l1(self, e: int) -> tuple[int, int]:
+        """Model e's L1 norm as (total, shift): sum_i floor(|d_i| * 2^shift), exact in int64, with the
+        shift that keeps the sum below 2^62; the norm is total * 2^-shift."""
+        if self._fixed_l1[e] is None:
+            flat = self.flat(e)
+            amax = float(flat.abs().max()) if flat.numel() else 0.0
+            shift = _fixed_shift(amax, flat.numel())
+            self._fixed_l1[e] = (_fixed_sum(flat, shift), shift)
+        return self._fixed_l1[e]
+
+    def kept_fixed_l1(self, e: int, keep: Keep) -> int:
+        """sum of floor(|d_i| * 2^shift) over the entries `keep` keeps (shift as in fixed_l1)."""
+        shift = self.fixed_l1(e)[1]
+        if self.keep_sorted and isinstance(keep, UniformKeep) and keep.ranks is None:
+            return self._uniform_buckets(e, keep.levels).kept(self.flat(e), keep.limit, shift)
+        return _fixed_sum(self.flat(e), shift, keep)
+
+    def levels(self, e: int, noise: Noise) -> Tensor:
+        """Model e's (N,) uniform levels of stream `noise` (`Noise.levels`); kept (4 bytes per entry)
+        with keep_sorted."""
+        if not self.keep_sorted:
+            return noise.levels(e, self.deltas[e].numel(), self.deltas.device)
+        if noise != self._noise:  # another recipe seed: forget the old stream
+            self._noise, self._levels, self._buckets = noise, [None] * len(self.deltas), [None] * len(self.deltas)
+        if self._levels[e] is None:
+            self._levels[e] = noise.levels(e, self.deltas[e].numel(), self.deltas.device)
+        return self._levels[e]
+
+    def _uniform_buckets(self, e: int, levels: Tensor) -> _UniformBuckets:
+        if self._buckets[e] is None:
+            self._buckets[e] = _UniformBuckets(levels, self.flat(e), self.fixed_l1(e)[1])
+        return self._buckets[e]
 
     def row_ranks(self, e: int) -> Tensor:
-        """Model e's DELLA rank in [0, 1] of each entry's magnitude within its row (ranking layout)."""
+        """Model e's DELLA rank in [0, 1] of each entry's magnitude within its row, (N,) in flat order."""
         ranks = self._row_ranks[e]
         if ranks is None:
-            ranks = _normalized_row_ranks(_ranking_view(self.deltas[e : e + 1].float()))
+            one = self.deltas[e : e + 1]
+            ranks = _undo_ranking_view(_normalized_row_ranks(_ranking_view(one.float())), one).reshape(-1)
             if self.keep_sorted:
                 self._row_ranks[e] = ranks
         return ranks
 
 
+FIXED_CHUNK = 1 << 16  # entries per step of a fixed-point sum on the CPU (temporaries stay in cache)
+UNIFORM_BUCKETS = 1 << 12  # DARE's cached kept-norm lookup groups entries by the top 12 bits of u
+SCALE24 = float(1 << UNIFORM_BITS)
+
+
+def _fixed_shift(amax: float, n: int) -> int:
+    """The power of two that makes floor(|d| * 2^shift) of n entries up to amax sum below 2^62."""
+    if amax == 0 or not math.isfinite(amax):
+        return 0
+    return min(127, 62 - n.bit_length() - math.frexp(amax)[1])  # amax < 2^frexp exponent; 2^127: fp32's largest
+
+
+def _to_fixed(values: Tensor, shift: int) -> Tensor:
+    """floor(|values| * 2^shift) as int64 (scaling by a power of two is exact in fp32)."""
+    return (values.float().abs() * 2.0**shift).long()
+
+
+def _fixed_sum(flat: Tensor, shift: int, keep: Keep | None = None) -> int:
+    """Exact sum of floor(|d| * 2^shift) over flat (N,), over the entries `keep` keeps if given."""
+    step = FIXED_CHUNK if flat.device.type == "cpu" else 1 << 24
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    kept = torch.empty(min(step, flat.numel()), device=flat.device) if keep is not None else None
+    for start in range(0, flat.numel(), step):
+        row = flat[start : start + step]
+        if kept is not None:  # dropped entries become +-0, whose fixed value is 0
+            keep.write(row.float(), start, kept[: len(row)])
+            row = kept[: len(row)]
+        total += _to_fixed(row, shift).sum()
+    return int(total)
+
+
+class _UniformBuckets:
+    """One model's entries grouped by the top 12 bits of their uniform, so DARE's kept L1 norm (the
+    entries with level < limit) is a prefix sum over whole buckets plus the few entries of one bucket,
+    instead of a pass over the task vector. Keeps the entries' order by level (4 bytes per entry)."""
+
+    def __init__(self, levels: Tensor, flat: Tensor, shift: int) -> None:
+        self.levels = levels
+        self.order = levels.view(torch.int32).sort(stable=True)[1].to(torch.int32)  # levels >= 0 order like their bits
+        bucket = levels.long() >> (UNIFORM_BITS - 12)
+        sums = torch.zeros(UNIFORM_BUCKETS, dtype=torch.int64, device=levels.device)
+        step = FIXED_CHUNK if levels.device.type == "cpu" else 1 << 24
+        for start in range(0, len(levels), step):
+            sums.index_add_(0, bucket[start : start + step], _to_fixed(flat[start : start + step], shift))
+        counts = torch.bincount(bucket, minlength=UNIFORM_BUCKETS)
+        self.starts = [0, *counts.cumsum(0).tolist()]
+        self.below = [0, *sums.cumsum(0).tolist()]  # below[b]: fixed sum over buckets < b
+
+    def kept(self, flat: Tensor, limit: int, shift: int) -> int:
+        """Fixed sum over the entries with level < limit."""
+        b = limit >> (UNIFORM_BITS - 12)
+        if b >= UNIFORM_BUCKETS:
+            return self.below[-1]
+        members = self.order[self.starts[b] : self.starts[b + 1]].long()
+        inside = members[self.levels[members] < limit]
+        return self.below[b] + int(_to_fixed(flat[inside], shift).sum())
+
+
 class Keep(Protocol):
     """What one model keeps of its flattened task vector, applied to consecutive chunks of it."""
 
+    def write(self, row: Tensor, start: int, out: Tensor) -> None:
+        """row: fp32 chunk of the flat task vector starting at entry `start`; writes into out (same
+        shape, not row) the kept entries, others 0."""
+        ...
+
     def apply(self, row: Tensor, start: int) -> Tensor:
-        """row: fp32 chunk of the flat task vector starting at entry `start`; kept entries, others 0."""
+        """Like write, into a new tensor (for any numeric dtype)."""
         ...
 
 
-@dataclass(frozen=True)
-class MaskKeep:
-    """Keep where a bool mask (N,) is set (random sparsifiers)."""
+class UniformKeep:
+    """Keep where the entry's uniform is below its keep probability p: p = `low` (DARE), or
+    low + ranks * span per entry (DELLA, ranks (N,) in [0, 1]), in fp32. levels: (N,) the uniforms
+    times 2^24 (`Noise.levels`), so u < p is level < ceil(p * 2^24), and with both whole numbers,
+    clamp(ceil(p * 2^24) - level, 0, 1) is the mask as 1.0 / 0.0: three float ops, no bool tensor."""
 
-    mask: Tensor
+    def __init__(self, levels: Tensor, low: float, ranks: Tensor | None = None, span: float = 0.0) -> None:
+        self.levels, self.low, self.ranks = levels, low, ranks
+        self.limit = math.ceil(low * SCALE24)  # DARE: keep level < limit
+        self._limit = torch.tensor(float(self.limit), device=levels.device)
+        self._low24, self._span24 = low * SCALE24, span * SCALE24  # exact: powers of two
+
+    def _limits(self, start: int, stop: int, out: Tensor) -> Tensor:
+        """DELLA: ceil(p * 2^24) of entries [start, stop), into out (fp32; p * 2^24 exactly, as
+        ranks * span * 2^24 + low * 2^24 rounds like ranks * span + low, scaled)."""
+        return torch.mul(self.ranks[start:stop], self._span24, out=out).add_(self._low24).ceil_()
+
+    def write(self, row: Tensor, start: int, out: Tensor) -> None:
+        stop = start + len(row)
+        if self.ranks is None:
+            torch.sub(self._limit, self.levels[start:stop], out=out)
+        else:
+            self._limits(start, stop, out).sub_(self.levels[start:stop])
+        out.clamp_(0, 1).mul_(row)
 
     def apply(self, row: Tensor, start: int) -> Tensor:
-        return row * self.mask[start : start + len(row)]
+        stop = start + len(row)
+        if self.ranks is None:
+            return row * (self.levels[start:stop] < self.limit)
+        return row * (self.levels[start:stop] < self._limits(start, stop, torch.empty(stop - start, device=row.device)))
 
 
 @dataclass(frozen=True)
@@ -163,7 +291,7 @@ class MagnitudeKeep:
         self.up_to = up_to  # None: no upper bound
         self.cuts = tuple(cuts)
 
-    def apply(self, row: Tensor, start: int) -> Tensor:
+    def write(self, row: Tensor, start: int, out: Tensor) -> None:
         above, up_to, extra = self.above, self.up_to, []
         end = start + len(row)
         for cut in self.cuts:
@@ -176,15 +304,23 @@ class MagnitudeKeep:
                 up_to = cut.value
             else:
                 extra.append((cut.value, first - start, stop - start))
-        kept = F.hardshrink(row, above) if above >= 0 else row.clone()  # |d| > above, others +0
+        if above >= 0:
+            torch.ops.aten.hardshrink.out(row, above, out=out)  # |d| > above, others +0
+        else:
+            out.copy_(row)
         if up_to is not None:
-            kept -= F.hardshrink(row, up_to)  # |d| > up_to: d - d = 0
+            out.sub_(F.hardshrink(row, up_to))  # |d| > up_to: d - d = 0
         for value, first, stop in extra:  # entries equal to value in [first, stop): 0 so far, now d
             part = row[first:stop]
-            kept[first:stop] += F.hardshrink(part, _below(value)) - F.hardshrink(part, value)
-        return kept
+            out[first:stop] += F.hardshrink(part, _below(value)) - F.hardshrink(part, value)
+
+    def apply(self, row: Tensor, start: int) -> Tensor:
+        out = torch.empty_like(row)
+        self.write(row, start, out)
+        return out
 
 
+@functools.lru_cache(maxsize=4096)  # called per chunk for the edge values of a window
 def _below(value: float) -> float:
     """The largest float32 below a non-negative float32 value (-1 for 0): `> _below(v)` means `>= v`."""
     if value <= 0:
@@ -293,35 +429,27 @@ def middle_magnitude_keep(deltas: Tensor, density: Tensor, gamma: Tensor, stats:
     return keeps
 
 
-def uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """U[0, 1) noise shaped like `like`, drawn on the generator's device, returned on like's device."""
-    device = generator.device if generator is not None else like.device
-    return torch.rand(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+def random_keep(density: Tensor, noise: Noise, stats: DeltaStats) -> list[Keep | None]:
+    """DARE drop (mergekit ``random``): keep each entry whose uniform (see `_random`) is below density.
+    density >= 1 keeps everything."""
+    return [None if d >= 1 else UniformKeep(stats.levels(e, noise), _fp32(d)) for e, d in enumerate(density.tolist())]
 
 
-def random_keep(deltas: Tensor, density: Tensor, generator: torch.Generator | None) -> list[MaskKeep]:
-    """DARE drop (mergekit ``random``): keep each entry with probability density. The noise is drawn
-    one model at a time, which is the same stream as one (E, *S) draw."""
-    flat = deltas.reshape(len(deltas), -1)
-    return [MaskKeep(uniform(flat[e], generator) < d) for e, d in enumerate(density.tolist())]
-
-
-def rank_sampled_keep(
-    deltas: Tensor, density: Tensor, epsilon: Tensor, generator: torch.Generator | None, stats: DeltaStats
-) -> list[MaskKeep]:
+def rank_sampled_keep(density: Tensor, epsilon: Tensor, noise: Noise, stats: DeltaStats) -> list[Keep | None]:
     """DELLA MagPrune (mergekit ``della_magprune``): within each row, the entry of magnitude rank r
     (0 = smallest) of n is kept with probability density - epsilon + 2 * epsilon * r / (n - 1).
 
     Rows are the ranking axis mergekit uses: a 1-D tensor is one row; otherwise dim 1 of the weight
-    (the input features of a Linear weight), with the other dims as batch. density >= 1 keeps all
-    (its noise is still drawn, so the other models' draws do not depend on it).
+    (the input features of a Linear weight), with the other dims as batch. density >= 1 keeps all.
     """
-    keeps = []
+    keeps: list[Keep | None] = []
     for e, (d, eps) in enumerate(zip(density.tolist(), epsilon.tolist())):
-        noise = uniform(_ranking_view(deltas[e : e + 1]), generator)  # (1, ..., n)
-        keep = noise < 1 if d >= 1 else noise < (d - eps) + stats.row_ranks(e) * (2 * eps)
-        keeps.append(MaskKeep(_undo_ranking_view(keep, deltas[e : e + 1]).reshape(-1)))
+        keeps.append(None if d >= 1 else UniformKeep(stats.levels(e, noise), _fp32(d - eps), stats.row_ranks(e), _fp32(2 * eps)))
     return keeps
+
+
+def _fp32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 def _normalized_row_ranks(rows: Tensor) -> Tensor:
@@ -334,15 +462,18 @@ def _normalized_row_ranks(rows: Tensor) -> Tensor:
     return ranks.float() / (n - 1)
 
 
-def rescale_l1(deltas: Tensor, keeps: list[MaskKeep], stats: DeltaStats) -> Tensor:
+def rescale_l1(keeps: Sequence[Keep | None], stats: DeltaStats) -> Tensor:
     """(E,) factor that brings each model's kept entries back to the L1 norm of its whole task vector
     (mergekit ``rescale: true`` = RescaleNorm.l1; about 1/density in expectation, as in DARE); 1 where
-    either norm is below NORM_EPS."""
-    flat = deltas.reshape(len(deltas), -1)
-    before = stats.l1()  # (E,)
-    after = torch.stack([keeps[e].apply(flat[e].float(), 0).abs().sum() for e in range(len(flat))])
-    usable = (before >= NORM_EPS) & (after >= NORM_EPS)
-    return torch.where(usable, before / after.clamp_min(NORM_EPS), torch.ones_like(before))
+    either norm is below NORM_EPS. The norms are exact sums in fixed point (`DeltaStats.fixed_l1`), so
+    they do not depend on summation order: a cached lookup and a pass over the entries agree."""
+    factors = []
+    for e, keep in enumerate(keeps):
+        before, shift = stats.fixed_l1(e)
+        after = before if keep is None else stats.kept_fixed_l1(e, keep)
+        usable = min(before, after) * 2.0**-shift >= NORM_EPS
+        factors.append(before / after if usable else 1.0)  # a ratio of ints: correctly rounded
+    return torch.tensor(factors, dtype=torch.float32, device=stats.deltas.device)
 
 
 def _ranking_view(deltas: Tensor) -> Tensor:

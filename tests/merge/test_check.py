@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import METHODS, MergeParamError, MethodSpec, ParamSpec, get_method, merge_tensor
+from evomerge.merge import METHODS, MergeParamError, MethodSpec, Noise, ParamSpec, get_method, merge_tensor
 
 
 def error_of(name: str, params: dict, n_models: int = 2) -> str:
@@ -107,8 +107,8 @@ def test_merge_tensor_validates_before_merging():
 def test_merge_tensor_fills_defaults_and_passes_per_model_values_as_fp32_tensors():
     seen = {}
 
-    def probe(base, deltas, *, generator=None, **params):
-        seen.update(params, generator=generator)
+    def probe(base, deltas, *, noise=None, **params):
+        seen.update(params, noise=noise)
         return base.float()
 
     spec = MethodSpec(
@@ -117,10 +117,10 @@ def test_merge_tensor_fills_defaults_and_passes_per_model_values_as_fp32_tensors
         (ParamSpec("weight", -1, 2, 1.0, per_model=True), ParamSpec("lambda_", 0, 2, 1.0, per_model=False)),
         needs_base=True,
     )
-    generator = torch.Generator()
+    noise = Noise(7, "w")
     base, deltas = torch.zeros(4, dtype=torch.bfloat16), torch.zeros(3, 4, dtype=torch.bfloat16)
-    merge_tensor(spec, base, deltas, {"lambda_": 0.5}, generator)
-    assert seen["generator"] is generator
+    merge_tensor(spec, base, deltas, {"lambda_": 0.5}, noise)
+    assert seen["noise"] is noise
     assert seen["lambda_"] == 0.5 and isinstance(seen["lambda_"], float)
     weight = seen["weight"]
     assert weight.dtype == torch.float32 and weight.shape == (3,) and weight.device.type == "cpu"

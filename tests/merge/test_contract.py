@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import METHODS, MethodSpec, get_method, merge_tensor
+from evomerge.merge import METHODS, MethodSpec, Noise, get_method, merge_tensor
 from ._cases import n_models, params_for, random_inputs
 
 ALL = sorted(METHODS)
@@ -15,7 +15,7 @@ SHAPES = [(), (7,), (4, 6), (2, 3, 4)]
 
 
 def _merge(spec: MethodSpec, base, deltas, params, seed: int = 0) -> torch.Tensor:
-    return merge_tensor(spec, base, deltas, params, torch.Generator().manual_seed(seed))
+    return merge_tensor(spec, base, deltas, params, Noise(seed, "w"))
 
 
 def test_registry_ids_are_function_names_and_defaults_are_valid():
@@ -73,12 +73,13 @@ def test_same_seed_same_output(name):
 
 
 @pytest.mark.parametrize("name", RANDOM)
-def test_random_methods_use_the_generator(name):
+def test_random_methods_use_the_noise(name):
     spec = METHODS[name]
     base, deltas = random_inputs(spec, (6, 10))
     params = params_for(spec, 0.5)
     assert not torch.equal(_merge(spec, base, deltas, params, seed=1), _merge(spec, base, deltas, params, seed=2))
-    assert merge_tensor(spec, base, deltas, params, None).shape == base.shape  # global RNG when none given
+    none, default = (merge_tensor(spec, base, deltas, params, noise) for noise in (None, Noise()))
+    assert torch.equal(none, default)  # no noise given: Noise()
 
 
 @pytest.mark.parametrize("name", SPARSIFIERS)

@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 
-from evomerge.merge import get_method, merge_tensor
+from evomerge.merge import Noise, get_method, merge_tensor
 
 T = torch.tensor
 
 
 def merge(name: str, base, deltas, seed: int | None = 0, **params) -> torch.Tensor:
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return merge_tensor(get_method(name), base, deltas, params, generator)
+    return merge_tensor(get_method(name), base, deltas, params, None if seed is None else Noise(seed, "w"))
 
 
 def close(actual, expected, atol: float = 1e-6) -> None:
@@ -69,6 +68,12 @@ def test_ties_sign_election_breaks_a_zero_sum_towards_plus():
     # mergekit: elected sign = +1 where sum_i w_i d_i >= 0, so +1 and -1 elect +; the -1 is dropped
     close(merge("ties", T([0.0]), T([[1.0], [-1.0]])), [1.0])
     close(merge("dare_ties", T([0.0]), T([[2.0], [-1.0]]), weight=[0.5, 1.0]), [1.0])
+
+
+def test_ties_divides_by_one_where_the_agreeing_weights_cancel():
+    # weights [1, -1]: both weighted deltas are +1, both agree, their weights sum to 0; mergekit then
+    # divides by 1, so 1 + 1 = 2; a zero sum with no agreement stays 0 (no 0 / 0)
+    close(merge("ties", T([0.0, 0.0]), T([[1.0, 0.0], [-1.0, 0.0]]), weight=[1.0, -1.0]), [2.0, 0.0])
 
 
 def test_ties_keeps_int_density_times_n_like_python_floats():
