@@ -64,16 +64,22 @@ def test_promoted_candidate_gets_exactly_the_full_scores(worker: CandidateWorker
 def test_search_with_a_first_pass_prunes_deterministically(zoo_llama, tmp_path: Path) -> None:
     """Generation 0 is scored in full (no earlier first passes); later candidates below the median
     first pass of the generations complete when they were dispatched are PRUNED with their first-pass
-    fitness; the best trial is a full one; two runs give the same trials."""
-    runs = []
-    for name in ("fp-a", "fp-b"):
-        cfg = load_config(zoo_config(zoo_llama, tmp_path, name=name, trials=12, popsize=4,
+    fitness; the best trial is a full one; a run of 12 trials and a run of 8 resumed for 4 more give the
+    same trials (the bar is rebuilt from the study on resume)."""
+    from evomerge.search import resume_search
+
+    runs, summaries = [], []
+    for name, trials_first in (("fp-a", 12), ("fp-b", 8)):
+        cfg = load_config(zoo_config(zoo_llama, tmp_path, name=name, trials=trials_first, popsize=4,
                                      evaluation__first_pass={"fraction": 0.25, "promote": 0.5}))
-        summary = run_search(prepare(cfg), progress=lambda s: None)
+        summaries.append(run_search(prepare(cfg), progress=lambda s: None))
+        if trials_first < 12:
+            resume_search(StudyStore.open(cfg.storage, name), 12 - trials_first, progress=lambda s: None)
         store = StudyStore.open(cfg.storage, name)
-        trials = {(t.user_attrs["generation"], t.user_attrs["candidate"]): t for t in store.study.get_trials()}
-        runs.append({k: (t.state, t.params, t.user_attrs["fitness"]) for k, t in trials.items()})
-    assert runs[0] == runs[1]
+        runs.append({(t.user_attrs["generation"], t.user_attrs["candidate"]): t for t in store.study.get_trials()})
+    assert [{k: (t.state, t.params, t.user_attrs["fitness"]) for k, t in run.items()} for run in runs][0] == \
+        {k: (t.state, t.params, t.user_attrs["fitness"]) for k, t in runs[1].items()}
+    trials, summary, store = runs[0], summaries[0], StudyStore.open(cfg.storage, "fp-a")
 
     assert sorted(trials) == [(g, c) for g in range(3) for c in range(4)]
     assert all(trials[(0, c)].state == COMPLETE for c in range(4))
@@ -93,9 +99,9 @@ def test_search_with_a_first_pass_prunes_deterministically(zoo_llama, tmp_path: 
 
     from evomerge.status import studies_table, trials_table
 
-    assert "first pass)" in trials_table(cfg.storage, "fp-b")
+    assert "first pass)" in trials_table(cfg.storage, "fp-a")
     header, *rows = studies_table(cfg.storage).splitlines()
-    assert "pruned" in header.split() and any(row.split()[2] == str(len(pruned)) for row in rows if row.startswith("fp-b"))
+    assert "pruned" in header.split() and any(row.split()[2] == str(len(pruned)) for row in rows if row.startswith("fp-a"))
 
 
 def test_few_shot_tasks_are_scored_again_in_full(worker: CandidateWorker) -> None:
@@ -108,3 +114,16 @@ def test_few_shot_tasks_are_scored_again_in_full(worker: CandidateWorker) -> Non
     first = scorer.score_first_pass(worker.model, worker.tokenizer, "fitness", 0.25)
     assert first.items == {} and first.counts == {"zoo_arith": 3}
     assert scorer.score_rest(worker.model, worker.tokenizer, first) == scorer.score(worker.model, worker.tokenizer, "fitness")
+
+
+@pytest.mark.slow
+def test_optuna_sampler_with_a_first_pass(zoo_llama, tmp_path: Path) -> None:
+    """Samplers compare with every first pass known so far, after `warmup` candidates scored in full."""
+    cfg = load_config(zoo_config(zoo_llama, tmp_path, name="fp-tpe", trials=10, optimizer__kind="tpe",
+                                 evaluation__first_pass={"fraction": 0.25, "promote": 0.3, "warmup": 3}))
+    summary = run_search(prepare(cfg), progress=lambda s: None)
+    trials = StudyStore.open(cfg.storage, "fp-tpe").study.get_trials()
+    assert len(trials) == 10 and summary.trials == 10
+    assert {t.state for t in trials} <= {COMPLETE, PRUNED} and summary.pruned == sum(t.state == PRUNED for t in trials) > 0
+    assert all(t.state == COMPLETE for t in sorted(trials, key=lambda t: t.number)[:3])  # the warm-up
+    assert all(t.value == t.user_attrs[FIRST_PASS_ATTR] for t in trials if t.state == PRUNED)
