@@ -347,9 +347,10 @@ class SearchRun:
             self.summary.best_fitness, self.summary.best_number = result.fitness, number
         tasks = " ".join(f"{k}={v:.3f}" for k, v in result.scores.items())
         what = "fitness" if result.full else "first pass (not promoted)"
+        best = "-" if self.summary.best_fitness is None else f"{self.summary.best_fitness:.4f} (trial {self.summary.best_number})"
         self.progress(
             f"[{self.summary.trials}/{self.summary.budget}] gen {generation} trial {number}: {what} {result.fitness:.4f} ({tasks}) "
-            f"| best {self.summary.best_fitness:.4f} (trial {self.summary.best_number}) | merge {result.merge_s:.2f}s eval {result.eval_s:.2f}s"
+            f"| best {best} | merge {result.merge_s:.2f}s eval {result.eval_s:.2f}s"
         )
 
     def _record_history(self, generation: int, fitness: list[float | None]) -> None:
