@@ -47,9 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from bench_throughput import Meter as WaitMeter  # noqa: E402
 from evomerge.config import StudyConfig, parse_config  # noqa: E402
 from evomerge.optimize import make_controller  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
@@ -126,37 +127,16 @@ def prepared(cfg: StudyConfig, worker_cls: type):
 # --- measuring a loop ---------------------------------------------------------------------------
 
 
-@dataclass
-class Meter:
-    """Wraps a WorkerPool: counts the time the controller spends waiting for results, and busy time."""
+class Meter(WaitMeter):
+    """bench_throughput's Meter (the time the controller waits for results, trial creation inside the
+    pool not counted as waiting), plus the workers' busy time and the trial count."""
 
-    pool: object
-    wait_s: float = 0.0
-    job_s: float = 0.0  # inside next_job (trial creation), which runs while the pool waits
-    busy_s: float = 0.0
-    trials: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.pool.size
+    def __init__(self, pool) -> None:
+        super().__init__(pool)
+        self.busy_s, self.trials = 0.0, 0
 
     def run(self, next_job) -> Iterator[tuple[object, object]]:
-        def timed_next_job():
-            started = time.perf_counter()
-            try:
-                return next_job()
-            finally:
-                self.job_s += time.perf_counter() - started
-
-        results = self.pool.run(timed_next_job)
-        while True:
-            started = time.perf_counter()
-            try:
-                job, outcome = next(results)  # dispatches free workers, then ray.wait
-            except StopIteration:
-                return
-            finally:
-                self.wait_s += time.perf_counter() - started
+        for job, outcome in super().run(next_job):
             self.busy_s += getattr(outcome, "eval_s", 0.0) + getattr(outcome, "merge_s", 0.0)
             self.trials += 1
             yield job, outcome
@@ -175,13 +155,13 @@ class Row:
 
 
 def measure(section: str, meter: Meter, n_workers: int, popsize: int, spread: str, loop) -> Row:
-    meter.wait_s = meter.busy_s = meter.job_s = 0.0
+    meter.wait_s = meter.busy_s = 0.0
     meter.trials = 0
     started = time.perf_counter()
     loop()
     wall_s = time.perf_counter() - started
     return Row(section, n_workers, popsize, spread, meter.trials, wall_s, meter.busy_s / (n_workers * wall_s),
-               1000 * (wall_s - meter.wait_s + meter.job_s) / max(meter.trials, 1))
+               1000 * (wall_s - meter.wait_s) / max(meter.trials, 1))
 
 
 def run_generations(folder: Path, meter: Meter, worker_cls: type, n_workers: int, popsize: int, generations: int,
