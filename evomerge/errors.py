@@ -9,6 +9,13 @@ class ConfigError(EvomergeError, ValueError):
     """The study config, a recipe file or a command-line argument is wrong."""
 
 
+def refuse_unknown_keys(data: object, allowed: tuple[str, ...], what: str) -> None:
+    """A ConfigError naming the first key of mapping `data` that is not in `allowed`."""
+    unknown = sorted(set(data) - set(allowed))  # type: ignore[arg-type]
+    if unknown:
+        raise ConfigError(f"{what} error: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+
+
 class ModelError(EvomergeError, ValueError):
     """A model reference cannot be resolved, or models cannot be merged with each other."""
 

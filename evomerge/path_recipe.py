@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, refuse_unknown_keys
 from evomerge.recipe import Recipe
 
 PATH_KIND = "path"
@@ -60,9 +60,7 @@ class PathRecipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PathRecipe:
-        unknown = set(data) - set(_KEYS)
-        if unknown:
-            raise ConfigError(f"path recipe error: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(_KEYS)}")
+        refuse_unknown_keys(data, _KEYS, "path recipe")
         try:
             slots = tuple(_slot(i, s) for i, s in enumerate(data["slots"]))
             return cls(

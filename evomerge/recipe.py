@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, refuse_unknown_keys
 
 ParamValue = float | tuple[float, ...]
 SPLIT_KINDS = ("attention", "mlp")  # kinds that can have their own parameters; "other" takes the rest
@@ -79,9 +79,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        unknown = set(data) - set(_KEYS)
-        if unknown:
-            raise ConfigError(f"recipe error: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(_KEYS)}")
+        refuse_unknown_keys(data, _KEYS, "recipe")
         try:
             kinds = tuple(str(k) for k in data.get("kinds") or ())
             if kinds:
