@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError, refuse_unknown_keys
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, yaml_mapping
 
 PATH_KIND = "path"
 _KEYS = ("kind", "models", "embed_from", "dtype", "slots")
@@ -78,10 +78,7 @@ class PathRecipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> PathRecipe:
-        data = yaml.safe_load(text)
-        if not isinstance(data, Mapping):
-            raise ConfigError("path recipe error: expected a mapping with kind, models, slots")
-        return cls.from_dict(data)
+        return cls.from_dict(yaml_mapping(text, "path recipe error: expected a mapping with kind, models, slots"))
 
 
 def _slot(index: int, slot: Any) -> Slot:
@@ -102,7 +99,4 @@ def recipe_from_dict(data: Mapping[str, Any]) -> Recipe | PathRecipe:
 
 
 def recipe_from_yaml(text: str) -> Recipe | PathRecipe:
-    data = yaml.safe_load(text)
-    if not isinstance(data, Mapping):
-        raise ConfigError("recipe error: expected a mapping (a merge recipe, or a path recipe with kind: path)")
-    return recipe_from_dict(data)
+    return recipe_from_dict(yaml_mapping(text, "recipe error: expected a mapping (a merge recipe, or a path recipe with kind: path)"))

@@ -95,18 +95,19 @@ class WorkerPool:
 
         in_flight: dict[Any, tuple[Job, int]] = {}
         idle = list(range(len(self.actors)))[::-1]
-        ahead: deque[Job] = deque()  # at most one job made while every actor was busy
+        ahead: Job | None = None  # made while every actor was busy
 
         def fill() -> None:
+            nonlocal ahead
             while idle:
-                job = ahead.popleft() if ahead else next_job()
+                job, ahead = ahead or next_job(), None
                 if job is None:
                     return
                 slot = idle.pop()
                 args = (job.recipe, job.split) if job.first_pass is None else (job.recipe, job.split, job.first_pass)
                 in_flight[self.actors[slot].evaluate.remote(*args)] = (job, slot)
-            if not ahead and (job := next_job()) is not None:
-                ahead.append(job)
+            if ahead is None:
+                ahead = next_job()
 
         fill()
         while in_flight:

@@ -102,10 +102,15 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        data = yaml.safe_load(text)
-        if not isinstance(data, Mapping):
-            raise ConfigError("recipe error: expected a mapping with method, base, sources, groups")
-        return cls.from_dict(data)
+        return cls.from_dict(yaml_mapping(text, "recipe error: expected a mapping with method, base, sources, groups"))
+
+
+def yaml_mapping(text: str, error: str) -> Mapping[str, Any]:
+    """The mapping a YAML text holds; ConfigError(`error`) for anything else."""
+    data = yaml.safe_load(text)
+    if not isinstance(data, Mapping):
+        raise ConfigError(error)
+    return data
 
 
 def check_kinds(kinds: Sequence[str], where: str) -> None:

@@ -236,29 +236,37 @@ class SearchRun:
         when the previous one opened; the rest are queued here.
         """
         self.store.save_controller(number, self.controller.dumps())
-        size = min(self.controller.popsize, self.cfg.budget.trials - number * self.controller.popsize)
+        size = self._size(number)
         if size <= 0:
             return None
         gen = early if early is not None else _Generation(number, [], size)
-        queued = {i for i, _ in gen.queue}
-        started = len(gen.xs)
+        asked_early = len(gen.xs)
         gen.xs = self.controller.ask_generation()
-        gen.fitness.update({i: f for (g, i), f in self.outcomes.items() if g == number and i < size})
-        gen.queue.extend((i, 0) for i in range(min(started, size), size) if i not in gen.fitness and i not in queued)
+        self._take_or_queue(gen, range(min(asked_early, size), size))
         return gen
 
     def _following(self, current: _Generation | None) -> _Generation | None:
         """The next generation's early candidates (the controller asked them when `current` opened)."""
         if current is None or current.size < self.controller.popsize:
             return None
-        early = list(getattr(self.controller, "early", []))
-        size = min(self.controller.popsize, self.cfg.budget.trials - (current.number + 1) * self.controller.popsize)
+        size = self._size(current.number + 1)
         if size <= 0:
             return None
-        gen = _Generation(current.number + 1, early, size)
-        gen.fitness.update({i: f for (g, i), f in self.outcomes.items() if g == gen.number and i < min(len(early), size)})
-        gen.queue.extend((i, 0) for i in range(min(len(early), size)) if i not in gen.fitness)
+        gen = _Generation(current.number + 1, list(getattr(self.controller, "early", [])), size)
+        self._take_or_queue(gen, range(min(len(gen.xs), size)))
         return gen
+
+    def _size(self, number: int) -> int:
+        """Candidates in generation `number`: popsize, fewer where the budget ends, <= 0 past it."""
+        return min(self.controller.popsize, self.cfg.budget.trials - number * self.controller.popsize)
+
+    def _take_or_queue(self, gen: _Generation, indices: range) -> None:
+        """Outcomes the study already has for these candidates (a resumed run) are taken; the rest queued."""
+        for i in indices:
+            if (gen.number, i) in self.outcomes:
+                gen.fitness[i] = self.outcomes[(gen.number, i)]
+            else:
+                gen.queue.append((i, 0))
 
     def sampled(self) -> None:
         """Optuna samplers: a new trial whenever a worker frees up, until the budget is spent."""
