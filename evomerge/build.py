@@ -71,12 +71,18 @@ def merge_named(
     deltas: torch.Tensor,
     *,
     cache: MergeCache | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The merged tensor `name` in the base's dtype (bit-identical with or without `cache`)."""
+    """The merged tensor `name` in the base's dtype, or written into `out` (a live model's tensor) and
+    returned; bit-identical with or without `cache`, rounded once from fp32 either way.
+    FloatingPointError (naming the tensor) when a merged value is NaN or inf."""
     noise = tensor_noise(recipe.seed, name) if spec.random else None
     stats = cache.stats(name, deltas) if cache is not None and spec.uses_stats else None
-    merged = merge_tensor(spec, base, deltas, recipe.groups[group], noise, stats=stats)
-    return merged.to(base.dtype)
+    out = torch.empty_like(base) if out is None else out
+    try:
+        return merge_tensor(spec, base, deltas, recipe.groups[group], noise, stats=stats, out=out)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"merged tensor {name!r}: {e}; the recipe is degenerate") from None
 
 
 def check_recipe(recipe: Recipe) -> MethodSpec:

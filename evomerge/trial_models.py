@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import optuna
 
 from evomerge.config import StudyConfig, TrialRef
 from evomerge.errors import ConfigError, EvomergeError
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EVOMERGE_CACHE") or "~/.cache/evomerge").expanduser()
+from evomerge.paths import cache_root
 
 
 def materialize_trial_models(cfg: StudyConfig) -> StudyConfig:

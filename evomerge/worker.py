@@ -106,10 +106,9 @@ class CandidateWorker:
         key = (recipe.n_groups, recipe.kinds)  # a group map depends on nothing else in the recipe
         groups = self._group_maps.get(key) or self._group_maps.setdefault(key, group_map(recipe, self.base))
         for name, target in self.live.items():
-            merged = merge_named(recipe, spec, name, groups[name], self.base_tensors[name], self.deltas[name], cache=self.merge_cache)
-            if not torch.isfinite(merged).all():
-                raise FloatingPointError(f"merged tensor {name!r} has NaN or inf values; the recipe is degenerate")
-            target.copy_(merged)
+            base, deltas = self.base_tensors[name], self.deltas[name]
+            # raises FloatingPointError on NaN or inf; the next build overwrites every tensor, this one included
+            merge_named(recipe, spec, name, groups[name], base, deltas, cache=self.merge_cache, out=target)
         _sync(self.device)
         return time.perf_counter() - started
 

@@ -36,8 +36,9 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
+from evomerge.merge import _fused
 from evomerge.merge._random import Noise
-from evomerge.merge._registry import ParamSpec, Resolved, register
+from evomerge.merge._registry import ParamSpec, Resolved, check_finite, register
 from evomerge.merge._sparsify import (
     DeltaStats,
     Keep,
@@ -85,9 +86,32 @@ def _mix(
     lambda_: float,
     keeps: list[Keep | None] | None = None,
     scale: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """base + lambda_ * (weighted, optionally sign-elected, optionally normalized) sum of the kept deltas
-    keep_e(d_e) * scale_e (keeps: one per model, None keeps all; scale (E,)), in fp32.
+    keep_e(d_e) * scale_e (keeps: one per model, None keeps all; scale (E,)), in fp32, or written into
+    out (rounded once to its dtype); FloatingPointError if a value is NaN or inf.
+
+    On the CPU the fused kernel (`_fused`) does it in one pass; `_mix_chunks`, eager torch ops, is the
+    accelerator path and the reference the kernel is tested against. Both give equal tensors.
+    """
+    n_models = len(deltas)
+    w = weight.to(device=deltas.device, dtype=torch.float32).view(n_models, 1)
+    factor = w if scale is None else w * scale.to(w).view(n_models, 1)  # (E, 1): w_e * rescale_e
+    plain_divisor = float(torch.where(w.sum(0).abs() < 1e-8, torch.ones_like(w[0]), w.sum(0)))
+    # mergekit sets a zero divisor to 1; with no negative weight it is 0 only where no model agrees
+    # (and the sum is 0 too), so a clamp at the smallest positive weight does the same in one op
+    zero_fix = float(w[w > 0].min()) if normalize and bool((w >= 0).all() & (w > 0).any()) else None
+    if _fused.usable(deltas, keeps, elect_sign=elect_sign, normalize=normalize, lambda_=lambda_):
+        zero_divisor = 1.0 if zero_fix is None else zero_fix
+        return _fused.mix(base, deltas, w, factor, keeps, elect_sign=elect_sign, normalize=normalize, lambda_=lambda_,
+                          plain_divisor=plain_divisor, zero_divisor=zero_divisor, out=out)
+    merged = check_finite(_mix_chunks(base, deltas, w, factor, keeps, elect_sign, normalize, lambda_, plain_divisor, zero_fix))
+    return merged if out is None else check_finite(out.copy_(merged))
+
+
+def _mix_chunks(base, deltas, w, factor, keeps, elect_sign, normalize, lambda_, plain_divisor, zero_fix) -> Tensor:
+    """`_mix` as eager torch ops over chunks of entries (arguments as `_mix` computes them), in fp32.
 
     Every step after sparsifying is per entry, so it runs over chunks of entries: the working
     tensors are (E, chunk) buffers made once and reused, so they stay in cache, and memory beyond the
@@ -97,12 +121,6 @@ def _mix(
     n_models = len(deltas)
     flat, base_flat = deltas.reshape(n_models, -1), base.reshape(-1)
     out = torch.empty(base_flat.shape, dtype=torch.float32, device=deltas.device)
-    w = weight.to(device=deltas.device, dtype=torch.float32).view(n_models, 1)
-    factor = w if scale is None else w * scale.to(w).view(n_models, 1)  # (E, 1): w_e * rescale_e
-    plain_divisor = float(torch.where(w.sum(0).abs() < 1e-8, torch.ones_like(w[0]), w.sum(0)))
-    # mergekit sets a zero divisor to 1; with no negative weight it is 0 only where no model agrees
-    # (and the sum is 0 too), so a clamp at the smallest positive weight does the same in one op
-    zero_fix = float(w[w > 0].min()) if normalize and bool((w >= 0).all() & (w > 0).any()) else None
     step = _step(n_models, deltas.device)
     work = torch.empty((n_models + 2, min(step, flat.shape[1])), dtype=torch.float32, device=deltas.device)
     one = torch.ones((), device=deltas.device)
@@ -159,7 +177,7 @@ def _elect_and_sum(
     mixed.mul_(sign)
     if not normalize:
         return None
-    divisor = torch.mm(w.view(1, -1), weighted.sign_()).view(-1)  # sum of the agreeing models' weights
+    divisor = torch.sum(weighted.sign_().mul_(w), 0, out=sign)  # the agreeing models' weights, summed in model order
     if zero_fix is not None:
         return divisor.clamp_(min=zero_fix)  # 0 (mixed 0 there) -> zero_fix; others are >= it already
     return divisor.masked_fill_(divisor == 0, 1.0)  # mergekit: divisor[divisor == 0] = 1
@@ -170,10 +188,10 @@ def _elect_and_sum(
 
 @register(WEIGHT, LAMBDA)
 def task_arithmetic(
-    base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, noise: Noise | None = None
+    base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, noise: Noise | None = None, out: Tensor | None = None
 ) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): base + lambda_ * sum_i w_i d_i."""
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, out=out)
 
 
 @register(WEIGHT, DENSITY, LAMBDA)
@@ -186,11 +204,12 @@ def ties(
     lambda_: float,
     noise: Noise | None = None,
     stats: DeltaStats | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): trim to the top-density magnitudes per model, elect the sign
     of sum_i w_i d_i per entry, average the agreeing weighted deltas (divided by their weights)."""
     keeps = top_magnitude_keep(deltas, density, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps)
+    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps, out=out)
 
 
 @register(WEIGHT, DENSITY, LAMBDA, random=True)
@@ -203,12 +222,13 @@ def dare_ties(
     lambda_: float,
     noise: Noise | None = None,
     stats: DeltaStats | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2024) drop-and-rescale, then TIES sign election; not normalized (mergekit)."""
     stats = stats or DeltaStats(deltas)
     keeps = random_keep(density, noise or Noise(), stats)
     scale = rescale_l1(keeps, stats)
-    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
+    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale, out=out)
 
 
 @register(WEIGHT, DENSITY, LAMBDA, random=True)
@@ -221,12 +241,13 @@ def dare_linear(
     lambda_: float,
     noise: Noise | None = None,
     stats: DeltaStats | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2024) drop-and-rescale, then task arithmetic."""
     stats = stats or DeltaStats(deltas)
     keeps = random_keep(density, noise or Noise(), stats)
     scale = rescale_l1(keeps, stats)
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale, out=out)
 
 
 @register(WEIGHT, DENSITY, GAMMA, LAMBDA)
@@ -240,11 +261,12 @@ def breadcrumbs(
     lambda_: float,
     noise: Noise | None = None,
     stats: DeltaStats | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the gamma largest and the smallest
     magnitudes, keeping a density fraction, then task arithmetic."""
     keeps = middle_magnitude_keep(deltas, density, gamma, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, out=out)
 
 
 @register(WEIGHT, DENSITY, GAMMA, LAMBDA)
@@ -258,10 +280,11 @@ def breadcrumbs_ties(
     lambda_: float,
     noise: Noise | None = None,
     stats: DeltaStats | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Model Breadcrumbs sparsification, then TIES sign election; not normalized (mergekit)."""
     keeps = middle_magnitude_keep(deltas, density, gamma, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps)
+    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps, out=out)
 
 
 def _della_window(values: Resolved, n_models: int) -> str | None:
@@ -287,13 +310,14 @@ def della(
     lambda_: float,
     noise: Noise | None = None,
     stats: DeltaStats | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DELLA-Merging (Deep et al. 2024): MagPrune (keep probability rises with magnitude rank,
     density +- epsilon), L1 rescale, TIES sign election, normalized (mergekit)."""
     stats = stats or DeltaStats(deltas)
     keeps = rank_sampled_keep(density, epsilon, noise or Noise(), stats)
     scale = rescale_l1(keeps, stats)
-    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps, scale=scale)
+    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps, scale=scale, out=out)
 
 
 @register(WEIGHT, DENSITY, EPSILON, LAMBDA, random=True, constraints=(_della_window,))
@@ -307,12 +331,13 @@ def della_linear(
     lambda_: float,
     noise: Noise | None = None,
     stats: DeltaStats | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DELLA MagPrune and L1 rescale, then task arithmetic (no sign election, not normalized)."""
     stats = stats or DeltaStats(deltas)
     keeps = rank_sampled_keep(density, epsilon, noise or Noise(), stats)
     scale = rescale_l1(keeps, stats)
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale, out=out)
 
 
 # --- interpolation and geometric methods ----------------------------------------------------------
@@ -328,10 +353,10 @@ def _weights_not_all_zero(values: Resolved, n_models: int) -> str | None:
 
 
 @register(ParamSpec("weight", 0.0, 1.0, 1.0, per_model=True), constraints=(_weights_not_all_zero,))
-def linear(base: Tensor, deltas: Tensor, *, weight: Tensor, noise: Noise | None = None) -> Tensor:
+def linear(base: Tensor, deltas: Tensor, *, weight: Tensor, noise: Noise | None = None, out: Tensor | None = None) -> Tensor:
     """Weighted average of the source models (model soups, Wortsman et al. 2022), normalized as in
     mergekit: sum_i w_i x_i / sum_i w_i = base + sum_i w_i d_i / sum_i w_i. The base gets no weight."""
-    return _mix(base, deltas, weight, elect_sign=False, normalize=True, lambda_=1.0)
+    return _mix(base, deltas, weight, elect_sign=False, normalize=True, lambda_=1.0, out=out)
 
 
 @register(ParamSpec("t", 0.0, 1.0, 0.5, per_model=False), max_models=1)

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -163,7 +165,7 @@ class DeltaStats:
 
 
 FIXED_CHUNK = 1 << 16  # entries per step of a fixed-point sum on the CPU (temporaries stay in cache)
-UNIFORM_BUCKETS = 1 << 12  # DARE's cached kept-norm lookup groups entries by the top 12 bits of u
+MAX_BUCKET_BITS = 16  # DARE's cached kept-norm lookup groups entries by the top bits of u
 SCALE24 = float(1 << UNIFORM_BITS)
 
 
@@ -194,30 +196,50 @@ def _fixed_sum(flat: Tensor, shift: int, keep: Keep | None = None) -> int:
 
 
 class _UniformBuckets:
-    """One model's entries grouped by the top 12 bits of their uniform, so DARE's kept L1 norm (the
-    entries with level < limit) is a prefix sum over whole buckets plus the few entries of one bucket,
-    instead of a pass over the task vector. Keeps the entries' order by level (4 bytes per entry)."""
+    """One model's entries grouped by the top bits of their uniform, so DARE's kept L1 norm (the entries
+    with level < limit) is a prefix sum over whole buckets plus the few entries of one bucket, instead
+    of a pass over the task vector. Buckets hold about 256 entries (up to 2^16 buckets), so the lookup
+    is a few hundred entries whatever the tensor's size. Keeps the entries' order by level (4 bytes
+    per entry) and two int64 per bucket."""
 
     def __init__(self, levels: Tensor, flat: Tensor, shift: int) -> None:
         self.levels = levels
         self.order = levels.view(torch.int32).sort(stable=True)[1].to(torch.int32)  # levels >= 0 order like their bits
-        bucket = levels.long() >> (UNIFORM_BITS - 12)
-        sums = torch.zeros(UNIFORM_BUCKETS, dtype=torch.int64, device=levels.device)
+        self.bits = min(MAX_BUCKET_BITS, max(0, len(levels).bit_length() - 9))
+        bucket = levels.long() >> (UNIFORM_BITS - self.bits)
+        sums = torch.zeros(1 << self.bits, dtype=torch.int64, device=levels.device)
         step = FIXED_CHUNK if levels.device.type == "cpu" else 1 << 24
         for start in range(0, len(levels), step):
             sums.index_add_(0, bucket[start : start + step], _to_fixed(flat[start : start + step], shift))
-        counts = torch.bincount(bucket, minlength=UNIFORM_BUCKETS)
-        self.starts = [0, *counts.cumsum(0).tolist()]
-        self.below = [0, *sums.cumsum(0).tolist()]  # below[b]: fixed sum over buckets < b
+        zero = torch.zeros(1, dtype=torch.int64, device=levels.device)
+        self.starts = torch.cat([zero, torch.bincount(bucket, minlength=1 << self.bits).cumsum(0)]).cpu().numpy()
+        self.below = torch.cat([zero, sums.cumsum(0)]).cpu().numpy()  # below[b]: fixed sum over buckets < b
 
     def kept(self, flat: Tensor, limit: int, shift: int) -> int:
         """Fixed sum over the entries with level < limit."""
-        b = limit >> (UNIFORM_BITS - 12)
-        if b >= UNIFORM_BUCKETS:
-            return self.below[-1]
-        members = self.order[self.starts[b] : self.starts[b + 1]].long()
+        b = limit >> (UNIFORM_BITS - self.bits)
+        if b >= len(self.starts) - 1:
+            return int(self.below[-1])
+        first, stop, below = int(self.starts[b]), int(self.starts[b + 1]), int(self.below[b])
+        if flat.device.type == "cpu":  # one compiled loop over the bucket's members: no tensor temporaries
+            order, levels, values = self.order.numpy(), self.levels.numpy(), flat.numpy()
+            return below + _fixed_sum_below(order, levels, values, first, stop, float(limit), 2.0**shift)
+        members = self.order[first:stop].long()
         inside = members[self.levels[members] < limit]
-        return self.below[b] + int(_to_fixed(flat[inside], shift).sum())
+        return below + int(_to_fixed(flat[inside], shift).sum())
+
+
+@numba.njit(nogil=True, cache=True)
+def _fixed_sum_below(order, levels, flat, first, stop, limit, scale):
+    """sum of floor(|flat[k]| * scale) (fp32 product, as `_to_fixed`) over k = order[first:stop] with
+    levels[k] < limit."""
+    limit32, scale32 = np.float32(limit), np.float32(scale)
+    total = 0
+    for j in range(first, stop):
+        k = order[j]
+        if levels[k] < limit32:
+            total += np.int64(abs(flat[k]) * scale32)
+    return total
 
 
 class Keep(Protocol):
@@ -237,18 +259,22 @@ class UniformKeep:
     """Keep where the entry's uniform is below its keep probability p: p = `low` (DARE), or
     low + ranks * span per entry (DELLA, ranks (N,) in [0, 1]), in fp32. levels: (N,) the uniforms
     times 2^24 (`Noise.levels`), so u < p is level < ceil(p * 2^24), and with both whole numbers,
-    clamp(ceil(p * 2^24) - level, 0, 1) is the mask as 1.0 / 0.0: three float ops, no bool tensor."""
+    clamp(ceil(p * 2^24) - level, 0, 1) is the mask as 1.0 / 0.0: three float ops, no bool tensor.
+    key: the stream key the levels hash with (`Noise.key`), so the fused kernels recompute each level
+    in registers instead of reading it (None: they cannot, and the eager path runs)."""
 
-    def __init__(self, levels: Tensor, low: float, ranks: Tensor | None = None, span: float = 0.0) -> None:
-        self.levels, self.low, self.ranks = levels, low, ranks
+    def __init__(
+        self, levels: Tensor, low: float, ranks: Tensor | None = None, span: float = 0.0, *, key: int | None = None
+    ) -> None:
+        self.levels, self.low, self.ranks, self.key = levels, low, ranks, key
         self.limit = math.ceil(low * SCALE24)  # DARE: keep level < limit
         self._limit = torch.tensor(float(self.limit), device=levels.device)
-        self._low24, self._span24 = low * SCALE24, span * SCALE24  # exact: powers of two
+        self.low24, self.span24 = low * SCALE24, span * SCALE24  # exact: powers of two
 
     def _limits(self, start: int, stop: int, out: Tensor) -> Tensor:
         """DELLA: ceil(p * 2^24) of entries [start, stop), into out (fp32; p * 2^24 exactly, as
         ranks * span * 2^24 + low * 2^24 rounds like ranks * span + low, scaled)."""
-        return torch.mul(self.ranks[start:stop], self._span24, out=out).add_(self._low24).ceil_()
+        return torch.mul(self.ranks[start:stop], self.span24, out=out).add_(self.low24).ceil_()
 
     def write(self, row: Tensor, start: int, out: Tensor) -> None:
         stop = start + len(row)
@@ -432,7 +458,10 @@ def middle_magnitude_keep(deltas: Tensor, density: Tensor, gamma: Tensor, stats:
 def random_keep(density: Tensor, noise: Noise, stats: DeltaStats) -> list[Keep | None]:
     """DARE drop (mergekit ``random``): keep each entry whose uniform (see `_random`) is below density.
     density >= 1 keeps everything."""
-    return [None if d >= 1 else UniformKeep(stats.levels(e, noise), _fp32(d)) for e, d in enumerate(density.tolist())]
+    return [
+        None if d >= 1 else UniformKeep(stats.levels(e, noise), _fp32(d), key=noise.key(e))
+        for e, d in enumerate(density.tolist())
+    ]
 
 
 def rank_sampled_keep(density: Tensor, epsilon: Tensor, noise: Noise, stats: DeltaStats) -> list[Keep | None]:
@@ -444,7 +473,11 @@ def rank_sampled_keep(density: Tensor, epsilon: Tensor, noise: Noise, stats: Del
     """
     keeps: list[Keep | None] = []
     for e, (d, eps) in enumerate(zip(density.tolist(), epsilon.tolist())):
-        keeps.append(None if d >= 1 else UniformKeep(stats.levels(e, noise), _fp32(d - eps), stats.row_ranks(e), _fp32(2 * eps)))
+        if d >= 1:
+            keeps.append(None)
+            continue
+        levels, ranks = stats.levels(e, noise), stats.row_ranks(e)
+        keeps.append(UniformKeep(levels, _fp32(d - eps), ranks, _fp32(2 * eps), key=noise.key(e)))
     return keeps
 
 

@@ -1,0 +1,165 @@
+"""The fused CPU kernels equal the eager chunked path, for every method built on `_mix`, every keep kind
+(magnitude windows with and without edge cuts, DARE and DELLA uniforms, models that keep everything),
+every output dtype and model count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge.merge import DeltaStats, Noise, get_method, merge_tensor
+from evomerge.merge import _fused
+from evomerge.merge._sparsify import Cut, MagnitudeKeep, _below, top_magnitude_keep
+
+MIX_METHODS = {  # the methods that run through _mix, with parameters that exercise them
+    "task_arithmetic": {"weight": [0.7, -0.4, 1.3], "lambda_": 1.2},
+    "linear": {"weight": [0.2, 0.5, 0.3]},
+    "ties": {"weight": [0.7, 0.4, 1.3], "density": [0.3, 0.55, 1.0], "lambda_": 0.9},
+    "dare_ties": {"weight": [0.7, 0.4, 1.3], "density": [0.3, 0.55, 1.0], "lambda_": 1.1},
+    "dare_linear": {"weight": [0.7, -0.4, 1.3], "density": [0.3, 0.55, 0.8], "lambda_": 1.0},
+    "breadcrumbs": {"weight": [0.7, 0.4, 1.3], "density": [0.3, 0.55, 0.9], "gamma": [0.01, 0.1, 0.0], "lambda_": 1.0},
+    "breadcrumbs_ties": {"weight": [0.7, 0.4, 1.3], "density": [0.3, 0.55, 0.9], "gamma": [0.01, 0.1, 0.0], "lambda_": 1.4},
+    "della": {"weight": [0.7, 0.4, 1.3], "density": [0.3, 0.5, 1.0], "epsilon": [0.1, 0.2, 0.0], "lambda_": 1.0},
+    "della_linear": {"weight": [0.7, 0.4, 1.3], "density": [0.3, 0.5, 0.7], "epsilon": [0.1, 0.2, 0.05], "lambda_": 0.8},
+}
+
+
+def bf16_like_inputs(n_models: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 base and fp32 task vectors of bf16 sources: many equal magnitudes (so TIES edges get
+    cuts), some exact zeros, and entries where every model is dropped."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16)
+    sources = (base.float() + torch.randn((n_models, *shape), generator=g) * 0.02).to(torch.bfloat16)
+    deltas = sources.float() - base.float()
+    deltas.view(n_models, -1)[:, :5] = 0
+    return base, deltas
+
+
+def merge_both_ways(method: str, params: dict, base, deltas, out_dtype, monkeypatch, stats=None):
+    spec = get_method(method)
+    noise = Noise(7, "model.layers.0.mlp.up_proj.weight")
+    fused = merge_tensor(spec, base, deltas, params, noise, stats=stats, out=torch.empty(base.shape, dtype=out_dtype))
+    with monkeypatch.context() as patch:
+        patch.setattr(_fused, "usable", lambda *args, **kwargs: False)
+        eager = merge_tensor(spec, base, deltas, params, noise, stats=stats).to(out_dtype)
+    return fused, eager
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", sorted(MIX_METHODS))
+def test_fused_equals_eager(method, out_dtype, monkeypatch):
+    base, deltas = bf16_like_inputs(3, (37, 129), seed=1)
+    fused, eager = merge_both_ways(method, MIX_METHODS[method], base, deltas, out_dtype, monkeypatch)
+    assert fused.dtype == out_dtype
+    assert torch.equal(fused, eager)
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 5])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "linear"])
+def test_fused_equals_eager_for_other_model_counts(method, n_models, monkeypatch):
+    if method == "linear" or n_models == 1:
+        params = {"weight": [0.5 + 0.1 * e for e in range(n_models)]}
+    else:
+        params = {"weight": [0.3 + 0.2 * e for e in range(n_models)], "density": [0.2 + 0.15 * e for e in range(n_models)]}
+        if method == "della":
+            params["epsilon"] = 0.1
+    base, deltas = bf16_like_inputs(n_models, (1000,), seed=n_models)
+    fused, eager = merge_both_ways(method, params, base, deltas, torch.bfloat16, monkeypatch)
+    assert torch.equal(fused, eager)
+
+
+def test_ties_edges_with_cuts_are_fused_exactly(monkeypatch):
+    """bf16 task vectors repeat magnitudes, so density edges fall inside runs of equal values."""
+    base, deltas = bf16_like_inputs(3, (64, 257), seed=3)
+    density = torch.tensor([0.3, 0.45, 0.6])
+    keeps = top_magnitude_keep(deltas, density, DeltaStats(deltas))
+    assert any(isinstance(k, MagnitudeKeep) and k.cuts for k in keeps), "no edge cut: the case below tests nothing"
+    params = {"weight": [1.0, 0.6, 0.9], "density": density.tolist(), "lambda_": 1.0}
+    for stats in (None, DeltaStats(deltas, keep_sorted=True)):
+        fused, eager = merge_both_ways("ties", params, base, deltas, torch.float32, monkeypatch, stats=stats)
+        assert torch.equal(fused, eager)
+
+
+def test_negative_weights_and_zero_sums(monkeypatch):
+    """A negative weight turns off the clamp shortcut (a divisor may be 0 or negative)."""
+    base, deltas = bf16_like_inputs(3, (300,), seed=4)
+    deltas[2] = -deltas[0]  # equal and opposite: sums of exactly 0
+    params = {"weight": [1.0, -0.5, 1.0], "density": 0.7, "lambda_": 1.0}
+    fused, eager = merge_both_ways("ties", params, base, deltas, torch.float32, monkeypatch)
+    assert torch.equal(fused, eager)
+
+
+def test_fused_path_is_taken_on_the_cpu(monkeypatch):
+    calls = []
+    real = _fused.mix
+    monkeypatch.setattr(_fused, "mix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, deltas = bf16_like_inputs(3, (50,), seed=5)
+    merge_tensor(get_method("ties"), base, deltas, MIX_METHODS["ties"])
+    assert calls == [1]
+
+
+def test_traffic_bound_kernel_sums_the_task_vectors():
+    _, deltas = bf16_like_inputs(3, (1000,), seed=6)
+    out = torch.empty(1000, dtype=torch.bfloat16)
+    _fused.kernels(3).traffic_bound(tuple(deltas.numpy()), out.view(torch.uint16).numpy())
+    assert torch.equal(out, (deltas[0] + deltas[1] + deltas[2]).to(torch.bfloat16))
+
+
+def test_kernels_are_generated_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    source = _fused._module_source(4)
+    assert "v3 = " in source and "v4 = " not in source  # unrolled for exactly 4 models
+    _fused.kernels.cache_clear()
+    try:
+        module = _fused.kernels(4)
+        assert module.__file__.startswith(str(tmp_path / "kernels"))
+        assert [p.name for p in (tmp_path / "kernels").glob("*.py")] == [module.__file__.rsplit("/", 1)[1]]
+    finally:
+        _fused.kernels.cache_clear()
+
+
+def fused_kept(keep, row: torch.Tensor) -> torch.Tensor:
+    """What the fused kernel keeps of one model's row: a one-model sum with factor 1 over a zero base."""
+    one = torch.ones(1)
+    return _fused.mix(torch.zeros_like(row), row[None], one, one, [keep], elect_sign=False, normalize=False,
+                      lambda_=1.0, plain_divisor=1.0, zero_divisor=1.0)
+
+
+def test_magnitude_keeps_with_any_cuts_keep_what_eager_keeps():
+    """Thresholds and cut ranges of every side, overlapping and nested, as rank windows make them (a
+    lower cut's value is the lower threshold, an upper cut's the first magnitude above the upper one)."""
+    g = torch.Generator().manual_seed(8)
+    row = (torch.randint(0, 6, (400,), generator=g) * 0.25) * torch.where(torch.rand(400, generator=g) < 0.5, -1.0, 1.0)
+    cases = [
+        MagnitudeKeep(0.5, 1.0, [Cut(0.5, 40, 300, "lower")]),  # (0.5, 1.0], plus 0.5 inside 40..300
+        MagnitudeKeep(0.25, _below(1.0), [Cut(1.0, 0, 123, "upper")]),
+        MagnitudeKeep(0.5, _below(1.0), [Cut(0.5, 100, 400, "lower"), Cut(1.0, 17, 220, "upper")]),
+        MagnitudeKeep(math.inf, None, [Cut(0.5, 10, 200, "only")]),
+        MagnitudeKeep(math.inf, None, [Cut(0.5, 150, 400, "only"), Cut(0.75, 0, 260, "only")]),  # overlapping
+        MagnitudeKeep(-1.0, None),
+        MagnitudeKeep(math.inf, None),
+    ]
+    for keep in cases:
+        assert torch.equal(fused_kept(keep, row), keep.apply(row, 0)), keep.cuts
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_nan_or_inf_in_a_merge_raises(method, fused, monkeypatch):
+    base, deltas = bf16_like_inputs(3, (64,), seed=9)
+    deltas[1, 40] = float("nan") if method != "task_arithmetic" else float("inf")
+    if not fused:
+        monkeypatch.setattr(_fused, "usable", lambda *args, **kwargs: False)
+    params = {k: v for k, v in MIX_METHODS[method].items()} | ({"density": 1.0} if "density" in MIX_METHODS[method] else {})
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        merge_tensor(get_method(method), base, deltas, params, out=torch.empty_like(base))
+
+
+def test_overflow_into_fp16_raises():
+    base, deltas = bf16_like_inputs(3, (64,), seed=10)
+    deltas[0, 3] = 60000.0  # times weight 1.3 and lambda 1.2: beyond fp16's 65504
+    params = {"weight": [1.3, 0.0, 0.0], "lambda_": 1.2}
+    with pytest.raises(FloatingPointError):
+        merge_tensor(get_method("task_arithmetic"), base, deltas, params, out=torch.empty(64, dtype=torch.float16))
