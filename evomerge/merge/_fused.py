@@ -31,12 +31,9 @@ from types import ModuleType
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from evomerge.merge._random import M32, MUL1, MUL2, UNIFORM_BITS, WEYL
+from evomerge.merge._random import M32, UNIFORM_BITS
 from evomerge.merge._registry import check_finite
 from evomerge.merge._sparsify import Cut, Keep, MagnitudeKeep, UniformKeep, _below
 from evomerge.paths import cache_root
@@ -46,96 +43,6 @@ F_FACTOR, F_ABOVE, F_UP_TO, F_LOW24, F_SPAN24 = range(5)
 KEEP_EVERYTHING_LEVEL = float(1 << 25)  # above every uniform level (< 2^24): a uniform keep that keeps all
 
 
-@intrinsic
-def _float_of_bits(typingctx, bits):
-    """uint32 bit pattern -> float32 (a bitcast, no conversion)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
-
-
-@intrinsic
-def _bits_of_float(typingctx, value):
-    """float32 -> its uint32 bit pattern."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-def _load(array, i):
-    """Entry i as fp32: float32 arrays as they are, uint16 arrays as bf16 bit patterns."""
-
-
-def _store(array, i, value):
-    """Write fp32 value as the array's dtype; uint16 arrays get bf16, rounded to nearest even as torch
-    rounds (NaN: 0x7FC0)."""
-
-
-@overload(_load, inline="always")
-def _load_typed(array, i):
-    if array.dtype == types.uint16:
-        return lambda array, i: _float_of_bits(np.uint32(array[i]) << np.uint32(16))
-    return lambda array, i: np.float32(array[i])
-
-
-@overload(_store, inline="always")
-def _store_typed(array, i, value):
-    if array.dtype != types.uint16:
-
-        def store_float(array, i, value):
-            array[i] = value
-
-        return store_float
-
-    def store_bf16(array, i, value):
-        bits = _bits_of_float(value)
-        rounded = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-        array[i] = np.uint16(0x7FC0) if value != value else rounded
-
-    return store_bf16
-
-
-def _hash_codegen(builder, index, index_type, key):
-    """LLVM IR of `_random`'s hash of entry `index` with `key`, in 32-bit integer arithmetic (numba's own
-    would widen every op to 64 bits, which vectorizes at half the width): hash32((index * WEYL) ^ key)."""
-    i32 = ir.IntType(32)
-    x = builder.trunc(index, i32) if index_type.bitwidth > 32 else index
-    x = builder.xor(builder.mul(x, ir.Constant(i32, WEYL)), key)
-    for shift, multiplier in ((16, MUL1), (15, MUL2)):
-        x = builder.mul(builder.xor(x, builder.lshr(x, ir.Constant(i32, shift))), ir.Constant(i32, multiplier))
-    return builder.xor(x, builder.lshr(x, ir.Constant(i32, 15)))
-
-
-@intrinsic
-def _level(typingctx, index, key):
-    """The uniform level (hash >> 8) of entry `index` (an integer below 2^32) in the stream with `key`
-    (uint32), as fp32."""
-    if not isinstance(index, types.Integer) or key != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        x = _hash_codegen(builder, args[0], index, args[1])
-        return builder.uitofp(builder.lshr(x, ir.Constant(ir.IntType(32), 32 - UNIFORM_BITS)), ir.FloatType())
-
-    return types.float32(index, key), codegen
-
-
-@intrinsic
-def _hash_at_most(typingctx, index, key, top):
-    """hash <= top (uint32): level < limit is hash <= (limit << 8) - 1, two ops fewer than `_level`."""
-    if not isinstance(index, types.Integer) or key != types.uint32 or top != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.icmp_unsigned("<=", _hash_codegen(builder, args[0], index, args[1]), args[2])
-
-    return types.boolean(index, key, top), codegen
-
-
 # --- kernel templates ----------------------------------------------------------------------------
 
 _MODULE = '''\
@@ -143,7 +50,7 @@ _MODULE = '''\
 import numba
 import numpy as np
 
-from evomerge.merge._fused import _hash_at_most, _level, _load, _store
+from evomerge.merge._numba import hash_at_most, level, load, store
 '''
 
 # rows: tuple of E (N,) fp32 task vectors; base, out (N,) fp32 or uint16 (bf16 bits); ranks:
@@ -187,10 +94,10 @@ _KEEP = {  # per model e: v{e} = kept entry times its factor, with the eager pat
         "        a{e} = abs(x{e})\n"
         "        v{e} = (zero if (a{e} <= above{e}) | (a{e} > up_to{e}) else x{e}) * f{e}"
     ),
-    "uniform": "        v{e} = (d{e}[i] * (one if _hash_at_most(offset + i, key{e}, top{e}) else zero)) * f{e}",
+    "uniform": "        v{e} = (d{e}[i] * (one if hash_at_most(offset + i, key{e}, top{e}) else zero)) * f{e}",
     "ranked": (
         "        limit{e} = np.ceil(rank{e}[i] * span{e} + low{e})\n"
-        "        v{e} = (d{e}[i] * (one if _level(offset + i, key{e}) < limit{e} else zero)) * f{e}"
+        "        v{e} = (d{e}[i] * (one if level(offset + i, key{e}) < limit{e} else zero)) * f{e}"
     ),
 }
 
@@ -206,9 +113,9 @@ _ELECT = (
 _CLAMP = "        t{e} = v{e} * sign\n        t{e} = zero if t{e} < zero else t{e}"
 _PLAIN = "        mixed = {sum_v}\n        divisor = plain_divisor"
 _FINISH = (
-    "        merged = _load(base, i) + lam * mixed / divisor\n"
+    "        merged = load(base, i) + lam * mixed / divisor\n"
     "        nonfinite += merged - merged != zero  # NaN for NaN and inf\n"
-    "        _store(out, i, merged)"
+    "        store(out, i, merged)"
 )
 
 _BOUND = '''
@@ -218,7 +125,7 @@ def traffic_bound(rows, out):
     """One pass that reads every task vector once and writes the output: what a merge cannot beat."""
 {setup}
     for i in numba.prange(len(out)):
-        _store(out, i, {sum_d})
+        store(out, i, {sum_d})
 '''
 
 FAMILIES = tuple(_KEEP)

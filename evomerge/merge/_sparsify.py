@@ -33,12 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evomerge.merge._numba import fixed_sum_below, ranked_fixed_sum
 from evomerge.merge._random import UNIFORM_BITS, Noise
 
 NORM_EPS = 1e-7  # mergekit rescaled_masked_tensor: below this L1 norm, a task vector is not rescaled
@@ -135,7 +135,11 @@ class DeltaStats:
         shift = self.fixed_l1(e)[1]
         if self.keep_sorted and isinstance(keep, UniformKeep) and keep.ranks is None:
             return self._uniform_buckets(e, keep.levels).kept(self.flat(e), keep.limit, shift)
-        return _fixed_sum(self.flat(e), shift, keep)
+        flat = self.flat(e)
+        if isinstance(keep, UniformKeep) and keep.ranks is not None and keep.key is not None and flat.device.type == "cpu":
+            ranks = keep.ranks.numpy()
+            return int(ranked_fixed_sum(flat.float().numpy(), ranks, np.uint32(keep.key), keep.low24, keep.span24, 2.0**shift))
+        return _fixed_sum(flat, shift, keep)
 
     def levels(self, e: int, noise: Noise) -> Tensor:
         """Model e's (N,) uniform levels of stream `noise` (`Noise.levels`); kept (4 bytes per entry)
@@ -223,23 +227,10 @@ class _UniformBuckets:
         first, stop, below = int(self.starts[b]), int(self.starts[b + 1]), int(self.below[b])
         if flat.device.type == "cpu":  # one compiled loop over the bucket's members: no tensor temporaries
             order, levels, values = self.order.numpy(), self.levels.numpy(), flat.numpy()
-            return below + _fixed_sum_below(order, levels, values, first, stop, float(limit), 2.0**shift)
+            return below + fixed_sum_below(order, levels, values, first, stop, float(limit), 2.0**shift)
         members = self.order[first:stop].long()
         inside = members[self.levels[members] < limit]
         return below + int(_to_fixed(flat[inside], shift).sum())
-
-
-@numba.njit(nogil=True, cache=True)
-def _fixed_sum_below(order, levels, flat, first, stop, limit, scale):
-    """sum of floor(|flat[k]| * scale) (fp32 product, as `_to_fixed`) over k = order[first:stop] with
-    levels[k] < limit."""
-    limit32, scale32 = np.float32(limit), np.float32(scale)
-    total = 0
-    for j in range(first, stop):
-        k = order[j]
-        if levels[k] < limit32:
-            total += np.int64(abs(flat[k]) * scale32)
-    return total
 
 
 class Keep(Protocol):

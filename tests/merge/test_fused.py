@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from evomerge.merge import DeltaStats, Noise, get_method, merge_tensor
-from evomerge.merge import _fused
+from evomerge.merge import DeltaStats, Noise, _fused, get_method, merge_tensor
 from evomerge.merge._sparsify import Cut, MagnitudeKeep, _below, top_magnitude_keep
 
 MIX_METHODS = {  # the methods that run through _mix, with parameters that exercise them
@@ -163,3 +162,14 @@ def test_overflow_into_fp16_raises():
     params = {"weight": [1.3, 0.0, 0.0], "lambda_": 1.2}
     with pytest.raises(FloatingPointError):
         merge_tensor(get_method("task_arithmetic"), base, deltas, params, out=torch.empty(64, dtype=torch.float16))
+
+
+def test_della_kept_l1_sum_equals_the_chunked_eager_sum():
+    from evomerge.merge._sparsify import _fixed_sum, rank_sampled_keep
+
+    _, deltas = bf16_like_inputs(2, (40, 300), seed=11)
+    stats = DeltaStats(deltas)
+    keeps = rank_sampled_keep(torch.tensor([0.4, 0.6]), torch.tensor([0.1, 0.3]), Noise(5, "w"), stats)
+    for e, keep in enumerate(keeps):
+        shift = stats.fixed_l1(e)[1]
+        assert stats.kept_fixed_l1(e, keep) == _fixed_sum(stats.flat(e), shift, keep) > 0

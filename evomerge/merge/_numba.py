@@ -1,0 +1,132 @@
+"""numba building blocks shared by the fused merge kernels (`_fused`) and the sparsifiers' exact sums:
+bit casts, bf16 loads and stores, `_random`'s uniform hash in 32-bit arithmetic, fixed-point sums.
+
+Kept in one module so generated kernel modules import them by name (numba's on-disk cache of a kernel
+refers to the functions it calls through their module).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from evomerge.merge._random import MUL1, MUL2, UNIFORM_BITS, WEYL
+
+
+@intrinsic
+def float_of_bits(typingctx, bits):
+    """uint32 bit pattern -> float32 (a bitcast, no conversion)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def bits_of_float(typingctx, value):
+    """float32 -> its uint32 bit pattern."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def load(array, i):
+    """Entry i as fp32: float32 arrays as they are, uint16 arrays as bf16 bit patterns."""
+
+
+def store(array, i, value):
+    """Write fp32 value as the array's dtype; uint16 arrays get bf16, rounded to nearest even as torch
+    rounds (NaN: 0x7FC0)."""
+
+
+@overload(load, inline="always")
+def _load_typed(array, i):
+    if array.dtype == types.uint16:
+        return lambda array, i: float_of_bits(np.uint32(array[i]) << np.uint32(16))
+    return lambda array, i: np.float32(array[i])
+
+
+@overload(store, inline="always")
+def _store_typed(array, i, value):
+    if array.dtype != types.uint16:
+
+        def store_float(array, i, value):
+            array[i] = value
+
+        return store_float
+
+    def store_bf16(array, i, value):
+        bits = bits_of_float(value)
+        rounded = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        array[i] = np.uint16(0x7FC0) if value != value else rounded
+
+    return store_bf16
+
+
+def _hash_codegen(builder, index, index_type, key):
+    """LLVM IR of `_random`'s hash of entry `index` with `key`, in 32-bit integer arithmetic (numba's own
+    would widen every op to 64 bits, which vectorizes at half the width): hash32((index * WEYL) ^ key)."""
+    i32 = ir.IntType(32)
+    x = builder.trunc(index, i32) if index_type.bitwidth > 32 else index
+    x = builder.xor(builder.mul(x, ir.Constant(i32, WEYL)), key)
+    for shift, multiplier in ((16, MUL1), (15, MUL2)):
+        x = builder.mul(builder.xor(x, builder.lshr(x, ir.Constant(i32, shift))), ir.Constant(i32, multiplier))
+    return builder.xor(x, builder.lshr(x, ir.Constant(i32, 15)))
+
+
+@intrinsic
+def level(typingctx, index, key):
+    """The uniform level (hash >> 8) of entry `index` (an integer below 2^32) in the stream with `key`
+    (uint32), as fp32."""
+    if not isinstance(index, types.Integer) or key != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        x = _hash_codegen(builder, args[0], index, args[1])
+        return builder.uitofp(builder.lshr(x, ir.Constant(ir.IntType(32), 32 - UNIFORM_BITS)), ir.FloatType())
+
+    return types.float32(index, key), codegen
+
+
+@intrinsic
+def hash_at_most(typingctx, index, key, top):
+    """hash <= top (uint32): level < limit is hash <= (limit << 8) - 1, two ops fewer than `level`."""
+    if not isinstance(index, types.Integer) or key != types.uint32 or top != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.icmp_unsigned("<=", _hash_codegen(builder, args[0], index, args[1]), args[2])
+
+    return types.boolean(index, key, top), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def fixed_sum_below(order, levels, flat, first, stop, limit, scale):
+    """sum of floor(|flat[k]| * scale) (an fp32 product, as `_sparsify._to_fixed`) over k in
+    order[first:stop] with levels[k] < limit."""
+    limit32, scale32 = np.float32(limit), np.float32(scale)
+    total = 0
+    for j in range(first, stop):
+        k = order[j]
+        if levels[k] < limit32:
+            total += np.int64(abs(flat[k]) * scale32)
+    return total
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def ranked_fixed_sum(flat, ranks, key, low24, span24, scale):
+    """DELLA's kept L1 in fixed point: sum of floor(|flat[i]| * scale) over the entries whose uniform
+    level is below ceil(ranks[i] * span24 + low24) (`UniformKeep` with ranks), hashed in registers.
+    Integer sums do not depend on order, so this equals the chunked eager sum."""
+    low, span, scale32 = np.float32(low24), np.float32(span24), np.float32(scale)
+    total = 0
+    for i in numba.prange(len(flat)):
+        if level(i, key) < np.ceil(ranks[i] * span + low):
+            total += np.int64(abs(flat[i]) * scale32)
+    return total
