@@ -259,7 +259,6 @@ class UniformKeep:
     ) -> None:
         self.levels, self.low, self.ranks, self.key = levels, low, ranks, key
         self.limit = math.ceil(low * SCALE24)  # DARE: keep level < limit
-        self._limit = torch.tensor(float(self.limit), device=levels.device)
         self.low24, self.span24 = low * SCALE24, span * SCALE24  # exact: powers of two
 
     def _limits(self, start: int, stop: int, out: Tensor) -> Tensor:
@@ -270,7 +269,7 @@ class UniformKeep:
     def write(self, row: Tensor, start: int, out: Tensor) -> None:
         stop = start + len(row)
         if self.ranks is None:
-            torch.sub(self._limit, self.levels[start:stop], out=out)
+            torch.sub(self.levels[start:stop], float(self.limit), out=out).neg_()  # limit - level: whole numbers, exact
         else:
             self._limits(start, stop, out).sub_(self.levels[start:stop])
         out.clamp_(0, 1).mul_(row)
@@ -473,7 +472,7 @@ def rank_sampled_keep(density: Tensor, epsilon: Tensor, noise: Noise, stats: Del
 
 
 def _fp32(value: float) -> float:
-    return float(torch.tensor(value, dtype=torch.float32))
+    return float(np.float32(value))
 
 
 def _normalized_row_ranks(rows: Tensor) -> Tensor:
