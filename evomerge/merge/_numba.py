@@ -7,6 +7,8 @@ refers to the functions it calls through their module).
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -14,6 +16,12 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from evomerge.merge._random import MUL1, MUL2, UNIFORM_BITS, WEYL
+
+# numba's OpenMP layer shares the OpenMP runtime with torch and resets torch's thread count when it
+# starts (measured: torch.set_num_threads(1), one fused merge, torch.get_num_threads() == 2); its own
+# workqueue pool does not. The kernels are called from one thread per process (a worker, an export).
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 @intrinsic

@@ -173,3 +173,15 @@ def test_della_kept_l1_sum_equals_the_chunked_eager_sum():
     for e, keep in enumerate(keeps):
         shift = stats.fixed_l1(e)[1]
         assert stats.kept_fixed_l1(e, keep) == _fixed_sum(stats.flat(e), shift, keep) > 0
+
+
+def test_fused_merges_leave_torch_thread_count_alone():
+    """numba's OpenMP layer would reset torch's threads (a worker sized to one would run two)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        base, deltas = bf16_like_inputs(3, (5000,), seed=12)
+        merge_tensor(get_method("ties"), base, deltas, MIX_METHODS["ties"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
