@@ -28,11 +28,11 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
 
+from evomerge.merge._numba import torch_threads
 from evomerge.merge._random import M32, UNIFORM_BITS
 from evomerge.merge._registry import check_finite
 from evomerge.merge._sparsify import Cut, Keep, MagnitudeKeep, UniformKeep, _below
@@ -237,14 +237,14 @@ def mix(
     target = out if out is not None and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous() else None
     result = torch.empty(base.shape, dtype=torch.float32) if target is None else target
     scalars = np.array([lambda_, plain_divisor if normalize and not elect_sign else 1.0, zero_divisor], dtype=np.float32)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     kernel = getattr(kernels(n_models), f"{family}_{'elect' if elect_sign else 'sum'}")
     base_array, out_array, w = _as_array(base.reshape(-1)), _as_array(result.view(-1)), weight.reshape(-1).float().numpy()
     nonfinite = 0
-    for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        part = slice(lo, hi)
-        nonfinite += kernel(tuple(r[part] for r in rows), base_array[part], out_array[part], tuple(r[part] for r in ranks), fp[s],
-               keys, tops, lo, w, normalize and elect_sign, scalars)
+    with torch_threads():
+        for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            part = slice(lo, hi)
+            nonfinite += kernel(tuple(r[part] for r in rows), base_array[part], out_array[part],
+                                tuple(r[part] for r in ranks), fp[s], keys, tops, lo, w, normalize and elect_sign, scalars)
     if nonfinite:
         raise FloatingPointError(f"{nonfinite} merged values are NaN or inf")
     return result if out is None or target is not None else check_finite(out.copy_(result))  # fp16 may overflow

@@ -7,21 +7,32 @@ refers to the functions it calls through their module).
 
 from __future__ import annotations
 
-import os
+from contextlib import contextmanager
 
 import numba
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
 from evomerge.merge._random import MUL1, MUL2, UNIFORM_BITS, WEYL
 
-# numba's OpenMP layer shares the OpenMP runtime with torch and resets torch's thread count when it
-# starts (measured: torch.set_num_threads(1), one fused merge, torch.get_num_threads() == 2); its own
-# workqueue pool does not. The kernels are called from one thread per process (a worker, an export).
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+
+@contextmanager
+def torch_threads():
+    """Run numba's parallel kernels on as many threads as torch uses, and keep torch's count.
+
+    numba's OpenMP layer shares the OpenMP runtime with torch and resets torch's thread count when its
+    pool starts (measured: torch.set_num_threads(1), one fused merge, torch.get_num_threads() == 2).
+    Its workqueue layer does not, but costs about 200 us more per call (a merge makes one per tensor)."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 @intrinsic

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evomerge.merge._numba import fixed_sum_below, ranked_fixed_sum
+from evomerge.merge._numba import fixed_sum_below, ranked_fixed_sum, torch_threads
 from evomerge.merge._random import UNIFORM_BITS, Noise
 
 NORM_EPS = 1e-7  # mergekit rescaled_masked_tensor: below this L1 norm, a task vector is not rescaled
@@ -137,8 +137,9 @@ class DeltaStats:
             return self._uniform_buckets(e, keep.levels).kept(self.flat(e), keep.limit, shift)
         flat = self.flat(e)
         if isinstance(keep, UniformKeep) and keep.ranks is not None and keep.key is not None and flat.device.type == "cpu":
-            ranks = keep.ranks.numpy()
-            return int(ranked_fixed_sum(flat.float().numpy(), ranks, np.uint32(keep.key), keep.low24, keep.span24, 2.0**shift))
+            with torch_threads():
+                values, ranks, key = flat.float().numpy(), keep.ranks.numpy(), np.uint32(keep.key)
+                return int(ranked_fixed_sum(values, ranks, key, keep.low24, keep.span24, 2.0**shift))
         return _fixed_sum(flat, shift, keep)
 
     def levels(self, e: int, noise: Noise) -> Tensor:
