@@ -34,7 +34,7 @@ from torch import Tensor
 
 from evomerge.merge._numba import torch_threads
 from evomerge.merge._random import M32, UNIFORM_BITS
-from evomerge.merge._registry import check_finite
+from evomerge.merge._registry import copy_checked
 from evomerge.merge._sparsify import Cut, Keep, MagnitudeKeep, UniformKeep, _below
 from evomerge.paths import cache_root
 
@@ -247,7 +247,7 @@ def mix(
                                 tuple(r[part] for r in ranks), fp[s], keys, tops, lo, w, normalize and elect_sign, scalars)
     if nonfinite:
         raise FloatingPointError(f"{nonfinite} merged values are NaN or inf")
-    return result if out is None or target is not None else check_finite(out.copy_(result))  # fp16 may overflow
+    return result if out is None or target is not None else copy_checked(out, result)
 
 
 def _as_array(t: Tensor) -> np.ndarray:

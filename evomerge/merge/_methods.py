@@ -38,7 +38,7 @@ from torch import Tensor
 
 from evomerge.merge import _fused
 from evomerge.merge._random import Noise
-from evomerge.merge._registry import ParamSpec, Resolved, check_finite, register
+from evomerge.merge._registry import ParamSpec, Resolved, check_finite, copy_checked, register
 from evomerge.merge._sparsify import (
     DeltaStats,
     Keep,
@@ -107,7 +107,7 @@ def _mix(
         return _fused.mix(base, deltas, w, factor, keeps, elect_sign=elect_sign, normalize=normalize, lambda_=lambda_,
                           plain_divisor=plain_divisor, zero_divisor=zero_divisor, out=out)
     merged = check_finite(_mix_chunks(base, deltas, w, factor, keeps, elect_sign, normalize, lambda_, plain_divisor, zero_fix))
-    return merged if out is None else check_finite(out.copy_(merged))
+    return merged if out is None else copy_checked(out, merged)
 
 
 def _mix_chunks(base, deltas, w, factor, keeps, elect_sign, normalize, lambda_, plain_divisor, zero_fix) -> Tensor:

@@ -212,6 +212,13 @@ def check_finite(t: Tensor) -> Tensor:
     return t
 
 
+def copy_checked(out: Tensor, merged: Tensor) -> Tensor:
+    """out.copy_(merged) for a finite merged, checking again where out's dtype may overflow (fp16, bf16)."""
+    out.copy_(merged)
+    narrower = out.dtype != merged.dtype and torch.finfo(out.dtype).max < torch.finfo(merged.dtype).max
+    return check_finite(out) if narrower else out
+
+
 def merge_tensor(
     spec: MethodSpec,
     base: Tensor,
@@ -253,4 +260,4 @@ def merge_tensor(
     if spec.writes_out:
         return spec.fn(base, deltas, noise=noise, out=out, **kwargs)
     merged = check_finite(spec.fn(base, deltas, noise=noise, **kwargs))
-    return merged if out is None else check_finite(out.copy_(merged))
+    return merged if out is None else copy_checked(out, merged)
