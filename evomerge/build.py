@@ -45,10 +45,11 @@ class MergeCache:
     It keeps one `DeltaStats` per tensor name, filled on first use by the methods that need it, per
     entry per source: TIES/Breadcrumbs keep the sorted |delta| and its order (8 bytes), so a density
     is a binary search instead of a selection per model per candidate; DARE/DELLA keep the entry's
-    uniform (4 bytes; it depends on the recipe seed, tensor name and index only, so a mask is one
-    comparison per candidate), DARE also the entries' order by uniform (4 bytes; its L1 rescale is
-    then a lookup, not a pass), and DELLA its row ranks (4 bytes). The task vectors themselves take
-    4 bytes. Merges with and without a cache are bit-identical.
+    uniform (4 bytes; it depends on the recipe seed, tensor name and index only), DARE also the entries'
+    order by uniform (4 bytes; its L1 rescale is then a lookup, not a pass), and DELLA its row ranks
+    (4 bytes). The CPU's fused kernels hash the uniforms again in registers rather than read them (it
+    is cheaper); the eager path (accelerators) reads them. The task vectors themselves take 4 bytes.
+    Merges with and without a cache are bit-identical.
     """
 
     def __init__(self) -> None:
