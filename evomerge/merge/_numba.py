@@ -149,3 +149,53 @@ def ranked_fixed_sum(flat, ranks, key, low24, span24, scale):
         if level(i, key) < np.ceil(ranks[i] * span + low):
             total += np.int64(abs(flat[i]) * scale32)
     return total
+
+
+# --- magnitude selection: a two-pass radix select over |x|'s float32 bits (see _sparsify.select_edge)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def high_counts(flat, parts):
+    """Counts of (|x|'s bits) >> 16 over flat fp32 x: 2^15 bins (the sign bit is dropped); `parts`
+    threads count a slice each."""
+    n = len(flat)
+    step = (n + parts - 1) // parts
+    counts = np.zeros((parts, 1 << 15), np.int64)
+    for p in numba.prange(parts):
+        row = counts[p]
+        for i in range(p * step, min(n, (p + 1) * step)):
+            row[(bits_of_float(flat[i]) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+    return counts.sum(axis=0)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def low_counts(flat, top, parts):
+    """Counts of the low 16 bits of |x|'s bits over the entries whose high 16 bits are `top`: 2^16 bins."""
+    n = len(flat)
+    step = (n + parts - 1) // parts
+    counts = np.zeros((parts, 1 << 16), np.int64)
+    high = np.uint32(top)
+    for p in numba.prange(parts):
+        row = counts[p]
+        for i in range(p * step, min(n, (p + 1) * step)):
+            bits = bits_of_float(flat[i]) & np.uint32(0x7FFFFFFF)
+            if bits >> np.uint32(16) == high:
+                row[bits & np.uint32(0xFFFF)] += 1
+    return counts.sum(axis=0)
+
+
+@numba.njit(nogil=True, cache=True)
+def nth_equal(flat, value, ordinals):
+    """Flat indices of the ordinals[k]-th entries (0-based, index order) with |x| == value; ordinals
+    ascending. Stops after the last one."""
+    found = np.full(len(ordinals), -1, np.int64)
+    seen, k = 0, 0
+    for i in range(len(flat)):
+        if abs(flat[i]) == value:
+            while k < len(ordinals) and ordinals[k] == seen:
+                found[k] = i
+                k += 1
+            if k == len(ordinals):
+                break
+            seen += 1
+    return found

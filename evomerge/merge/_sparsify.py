@@ -33,12 +33,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evomerge.merge._numba import fixed_sum_below, ranked_fixed_sum, torch_threads
+from evomerge.merge._numba import (
+    fixed_sum_below,
+    high_counts,
+    low_counts,
+    nth_equal,
+    ranked_fixed_sum,
+    torch_threads,
+)
 from evomerge.merge._random import UNIFORM_BITS, Noise
 
 NORM_EPS = 1e-7  # mergekit rescaled_masked_tensor: below this L1 norm, a task vector is not rescaled
@@ -91,12 +99,19 @@ class DeltaStats:
     def flat(self, e: int) -> Tensor:
         return self.deltas[e].reshape(-1)
 
+    def _compiled(self) -> bool:
+        """CPU fp32 task vectors: selections run as compiled passes over the deltas themselves."""
+        return self.deltas.device.type == "cpu" and self.deltas.dtype == torch.float32
+
     def magnitudes(self, e: int) -> Tensor | None:
-        """Model e's |delta|, flat, for the calls below; None when the sorted copy answers them."""
-        return None if self.keep_sorted else self.flat(e).float().abs()
+        """Model e's |delta|, flat, for the calls below; None when the sorted copy or the compiled
+        passes answer them."""
+        return None if self.keep_sorted or self._compiled() else self.flat(e).float().abs()
 
     def edge(self, e: int, rank: int, magnitudes: Tensor | None = None) -> Edge:
         """The magnitude of ascending rank `rank` in model e's task vector (magnitudes: its |delta|, flat)."""
+        if not self.keep_sorted and self._compiled():
+            return _select_edge_compiled(self.flat(e).numpy(), rank)
         if not self.keep_sorted:
             return select_edge(self.flat(e).float().abs() if magnitudes is None else magnitudes, rank)
         values, _ = self._sorted_of(e)
@@ -110,6 +125,8 @@ class DeltaStats:
         if self.keep_sorted:
             order = self._sorted_of(e)[1]
             return [int(order[edge.below + i]) for i in ordinals]
+        if self._compiled():
+            return nth_equal(self.flat(e).numpy(), np.float32(edge.value), np.array(ordinals, dtype=np.int64)).tolist()
         magnitudes = self.flat(e).float().abs() if magnitudes is None else magnitudes
         where = (magnitudes == edge.value).nonzero().squeeze(1)
         return [int(where[i]) for i in ordinals]
@@ -364,6 +381,21 @@ def select_edge(magnitudes: Tensor, rank: int) -> Edge:
     value = torch.tensor((top << 16) | bottom, dtype=torch.int32).view(torch.float32)
     below = before + (int(low_cum[bottom - 1]) if bottom else 0)
     return Edge(float(value), below, int(low_counts[bottom]))
+
+
+def _select_edge_compiled(flat: np.ndarray, rank: int) -> Edge:
+    """`select_edge` on flat fp32 deltas (not magnitudes) by two compiled histogram passes."""
+    with torch_threads():
+        parts = max(1, min(numba.get_num_threads(), len(flat) // 65536))  # a histogram per thread
+        cum = np.cumsum(high_counts(flat, parts))
+        top = int(np.searchsorted(cum, rank, side="right"))
+        before = int(cum[top - 1]) if top else 0
+        low = low_counts(flat, top, parts)
+    low_cum = np.cumsum(low)
+    bottom = int(np.searchsorted(low_cum, rank - before, side="right"))
+    value = np.array([(top << 16) | bottom], dtype=np.int32).view(np.float32)[0]
+    below = before + (int(low_cum[bottom - 1]) if bottom else 0)
+    return Edge(float(value), below, int(low[bottom]))
 
 
 def rank_window(stats: DeltaStats, e: int, low: int, high: int) -> MagnitudeKeep:

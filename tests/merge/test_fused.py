@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,19 @@ def test_fused_merges_leave_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_compiled_magnitude_selection_equals_the_torch_radix_select():
+    from evomerge.merge._numba import nth_equal
+    from evomerge.merge._sparsify import _select_edge_compiled, select_edge
+
+    _, deltas = bf16_like_inputs(1, (300_000,), seed=13)  # above one 65536-entry part: the parallel split runs
+    flat = deltas[0]
+    flat[7] = -0.0
+    magnitudes = flat.abs()
+    for rank in (0, 1, 4, 1000, 150_000, 299_998, 299_999):
+        edge = _select_edge_compiled(flat.numpy(), rank)
+        assert edge == select_edge(magnitudes, rank)
+        where = (magnitudes == edge.value).nonzero().squeeze(1)
+        ordinals = [0, edge.equal // 2, edge.equal - 1]
+        assert nth_equal(flat.numpy(), np.float32(edge.value), np.array(ordinals)).tolist() == [int(where[i]) for i in ordinals]
