@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from evomerge.merge._numba import torch_threads
-from evomerge.merge._random import M32, UNIFORM_BITS
+from evomerge.merge._random import M32
 from evomerge.merge._registry import copy_checked
 from evomerge.merge._sparsify import Cut, Keep, MagnitudeKeep, UniformKeep, _below
 from evomerge.paths import cache_root
@@ -53,16 +53,17 @@ import numpy as np
 from evomerge.merge._numba import hash_at_most, level, load, store
 '''
 
-# rows: tuple of E (N,) fp32 task vectors; base, out (N,) fp32 or uint16 (bf16 bits); ranks:
-# tuples of E (N,) fp32; fp (E, 5) fp32 per-model parameters (columns F_*); keys (E,) uint32 noise
-# stream keys, tops (E,) uint32 the largest hash a uniform keep keeps, offset: the flat index of entry 0 (levels are hashed from it); w (E,) fp32 weights;
-# normalize: divide by the agreeing weights' sum; scalars: lambda_, plain divisor, divisor where no
-# model agrees. Returns how many merged values are NaN or inf. A segment of entries with its own parameters is a call on slices: a loop over segments
-# around the prange, or a prange(lo, hi), measured 2-4x slower (numba no longer vectorizes the loop).
+# rows: tuple of E (N,) fp32 task vectors; base, out (N,) fp32 or uint16 (bf16 bits); ranks: tuple
+# of E (N,) fp32; fp (E, 5) fp32 per-model parameters (columns F_*); keys (E,) uint32 noise stream
+# keys; tops (E,) uint32 the largest hash a uniform keep keeps; offset: the flat index of entry 0
+# (levels are hashed from it); w (E,) fp32 weights; scalars: lambda_, plain divisor, divisor where no
+# model agrees. Returns how many merged values are NaN or inf. A segment of entries with its own
+# parameters is a call on slices: a loop over segments around the prange, or a prange(lo, hi),
+# measured 2-4x slower (numba no longer vectorizes the loop).
 _KERNEL = '''
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def {name}(rows, base, out, ranks, fp, keys, tops, offset, w, normalize, scalars):
+def {name}(rows, base, out, ranks, fp, keys, tops, offset, w, scalars):
     zero, one = np.float32(0.0), np.float32(1.0)
     lam, plain_divisor, zero_divisor = scalars[0], scalars[1], scalars[2]
 {rows}
@@ -107,11 +108,12 @@ _ELECT = (
     "        sign = np.float32(np.copysign(one, {sum_v}))\n"
     "{clamps}\n"
     "        mixed = ({sum_t}) * sign\n"
-    "        weights = {sum_w}\n"
-    "        divisor = (zero_divisor if weights == zero else weights) if normalize else plain_divisor"
 )
 _CLAMP = "        t{e} = v{e} * sign\n        t{e} = zero if t{e} < zero else t{e}"
-_PLAIN = "        mixed = {sum_v}\n        divisor = plain_divisor"
+_AGREEING_DIVISOR = "        weights = {sum_w}\n        divisor = zero_divisor if weights == zero else weights"
+_PLAIN = "        mixed = {sum_v}\n"
+_PLAIN_DIVISOR = "        divisor = plain_divisor"
+COMBINES = ("sum", "elect", "elect_normalized")  # kernel names: f"{family}_{combine}"
 _FINISH = (
     "        merged = load(base, i) + lam * mixed / divisor\n"
     "        nonfinite += merged - merged != zero  # NaN for NaN and inf\n"
@@ -131,26 +133,24 @@ def traffic_bound(rows, out):
 FAMILIES = tuple(_KEEP)
 
 
-def _kernel_source(n: int, family: str, elect: bool) -> str:
+def _kernel_source(n: int, family: str, combine: str) -> str:
     models = range(n)
     arrays = "\n".join(_ROWS[family].format(e=e) for e in models)
     setup = "\n".join(_SETUP[family].format(e=e) for e in models)
     keep = "\n".join(_KEEP[family].format(e=e) for e in models)
     sum_v = " + ".join(f"v{e}" for e in models)
-    if elect:
-        combine = _ELECT.format(
-            sum_v=sum_v,
-            clamps="\n".join(_CLAMP.format(e=e) for e in models),
-            sum_t=" + ".join(f"t{e}" for e in models),
-            sum_w=" + ".join(f"w[{e}] * (one if t{e} > zero else zero)" for e in models),
-        )
+    if combine == "sum":
+        mix = _PLAIN.format(sum_v=sum_v) + _PLAIN_DIVISOR
     else:
-        combine = _PLAIN.format(sum_v=sum_v)
-    return _KERNEL.format(name=f"{family}_{'elect' if elect else 'sum'}", rows=arrays, setup=setup, body=f"{keep}\n{combine}\n{_FINISH}")
+        clamps = "\n".join(_CLAMP.format(e=e) for e in models)
+        mix = _ELECT.format(sum_v=sum_v, clamps=clamps, sum_t=" + ".join(f"t{e}" for e in models))
+        sum_w = " + ".join(f"w[{e}] * (one if t{e} > zero else zero)" for e in models)
+        mix += _AGREEING_DIVISOR.format(sum_w=sum_w) if combine == "elect_normalized" else _PLAIN_DIVISOR
+    return _KERNEL.format(name=f"{family}_{combine}", rows=arrays, setup=setup, body=f"{keep}\n{mix}\n{_FINISH}")
 
 
 def _module_source(n: int) -> str:
-    kernels = [_kernel_source(n, family, elect) for family in FAMILIES for elect in (False, True)]
+    kernels = [_kernel_source(n, family, combine) for family in FAMILIES for combine in COMBINES]
     bound = _BOUND.format(
         setup="\n".join(f"    d{e} = rows[{e}]" for e in range(n)), sum_d=" + ".join(f"d{e}[i]" for e in range(n))
     )
@@ -237,14 +237,15 @@ def mix(
     target = out if out is not None and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous() else None
     result = torch.empty(base.shape, dtype=torch.float32) if target is None else target
     scalars = np.array([lambda_, plain_divisor if normalize and not elect_sign else 1.0, zero_divisor], dtype=np.float32)
-    kernel = getattr(kernels(n_models), f"{family}_{'elect' if elect_sign else 'sum'}")
+    combine = ("elect_normalized" if normalize else "elect") if elect_sign else "sum"
+    kernel = getattr(kernels(n_models), f"{family}_{combine}")
     base_array, out_array, w = _as_array(base.reshape(-1)), _as_array(result.view(-1)), weight.reshape(-1).float().numpy()
     nonfinite = 0
     with torch_threads():
         for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
             part = slice(lo, hi)
             nonfinite += kernel(tuple(r[part] for r in rows), base_array[part], out_array[part],
-                                tuple(r[part] for r in ranks), fp[s], keys, tops, lo, w, normalize and elect_sign, scalars)
+                                tuple(r[part] for r in ranks), fp[s], keys, tops, lo, w, scalars)
     if nonfinite:
         raise FloatingPointError(f"{nonfinite} merged values are NaN or inf")
     return result if out is None or target is not None else copy_checked(out, result)
@@ -282,7 +283,7 @@ def _tables(keeps: list[Keep | None] | None, factor: Tensor, rows: tuple[np.ndar
         elif isinstance(keep, UniformKeep):
             keys[e] = keep.key
             if keep.ranks is None:
-                tops[e] = min(keep.limit << (32 - UNIFORM_BITS), 1 << 32) - 1
+                tops[e] = keep.top
             else:
                 fp[:, e, F_LOW24], fp[:, e, F_SPAN24] = keep.low24, keep.span24
                 ranks[e] = keep.ranks.numpy()

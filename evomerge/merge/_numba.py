@@ -139,6 +139,28 @@ def fixed_sum_below(order, levels, flat, first, stop, limit, scale):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
+def fixed_sum(flat, scale):
+    """sum of floor(|flat[i]| * scale) (fp32 products, as `_sparsify._to_fixed`), exact in int64."""
+    scale32 = np.float32(scale)
+    total = 0
+    for i in numba.prange(len(flat)):
+        total += np.int64(abs(flat[i]) * scale32)
+    return total
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def uniform_fixed_sum(flat, key, top, scale):
+    """DARE's kept L1 in fixed point: as `fixed_sum` over the entries whose uniform hash is at most
+    `top` (`UniformKeep` without ranks), hashed in registers."""
+    scale32 = np.float32(scale)
+    total = 0
+    for i in numba.prange(len(flat)):
+        if hash_at_most(i, key, top):
+            total += np.int64(abs(flat[i]) * scale32)
+    return total
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
 def ranked_fixed_sum(flat, ranks, key, low24, span24, scale):
     """DELLA's kept L1 in fixed point: sum of floor(|flat[i]| * scale) over the entries whose uniform
     level is below ceil(ranks[i] * span24 + low24) (`UniformKeep` with ranks), hashed in registers.

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,12 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evomerge.merge._numba import (
+    fixed_sum,
     fixed_sum_below,
     high_counts,
     low_counts,
     nth_equal,
     ranked_fixed_sum,
     torch_threads,
+    uniform_fixed_sum,
 )
 from evomerge.merge._random import UNIFORM_BITS, Noise
 
@@ -142,9 +144,15 @@ class DeltaStats:
         shift that keeps the sum below 2^62; the norm is total * 2^-shift."""
         if self._fixed_l1[e] is None:
             flat = self.flat(e)
-            amax = float(flat.abs().max()) if flat.numel() else 0.0
+            lowest, highest = torch.aminmax(flat) if flat.numel() else (torch.zeros(()), torch.zeros(()))
+            amax = max(-float(lowest), float(highest))  # max |d| in one pass (NaN stays NaN)
             shift = _fixed_shift(amax, flat.numel())
-            self._fixed_l1[e] = (_fixed_sum(flat, shift), shift)
+            if self._compiled():
+                with torch_threads():
+                    total = int(fixed_sum(flat.numpy(), 2.0**shift))
+            else:
+                total = _fixed_sum(flat, shift)
+            self._fixed_l1[e] = (total, shift)
         return self._fixed_l1[e]
 
     def kept_fixed_l1(self, e: int, keep: Keep) -> int:
@@ -153,10 +161,12 @@ class DeltaStats:
         if self.keep_sorted and isinstance(keep, UniformKeep) and keep.ranks is None:
             return self._uniform_buckets(e, keep.levels).kept(self.flat(e), keep.limit, shift)
         flat = self.flat(e)
-        if isinstance(keep, UniformKeep) and keep.ranks is not None and keep.key is not None and flat.device.type == "cpu":
+        if isinstance(keep, UniformKeep) and keep.key is not None and self._compiled():  # hashed in registers
+            values, key = flat.numpy(), np.uint32(keep.key)
             with torch_threads():
-                values, ranks, key = flat.float().numpy(), keep.ranks.numpy(), np.uint32(keep.key)
-                return int(ranked_fixed_sum(values, ranks, key, keep.low24, keep.span24, 2.0**shift))
+                if keep.ranks is None:
+                    return int(uniform_fixed_sum(values, key, np.uint32(keep.top), 2.0**shift))
+                return int(ranked_fixed_sum(values, keep.ranks.numpy(), key, keep.low24, keep.span24, 2.0**shift))
         return _fixed_sum(flat, shift, keep)
 
     def levels(self, e: int, noise: Noise) -> Tensor:
@@ -273,11 +283,26 @@ class UniformKeep:
     in registers instead of reading it (None: they cannot, and the eager path runs)."""
 
     def __init__(
-        self, levels: Tensor, low: float, ranks: Tensor | None = None, span: float = 0.0, *, key: int | None = None
+        self,
+        levels: Tensor | Callable[[], Tensor],
+        low: float,
+        ranks: Tensor | None = None,
+        span: float = 0.0,
+        *,
+        key: int | None = None,
     ) -> None:
-        self.levels, self.low, self.ranks, self.key = levels, low, ranks, key
+        self._levels, self.low, self.ranks, self.key = levels, low, ranks, key
         self.limit = math.ceil(low * SCALE24)  # DARE: keep level < limit
         self.low24, self.span24 = low * SCALE24, span * SCALE24  # exact: powers of two
+        self.top = min(self.limit << (32 - UNIFORM_BITS), 1 << 32) - 1  # level < limit <=> hash <= top
+
+    @property
+    def levels(self) -> Tensor:
+        """(N,) the uniform levels; made on first use when given as a function (the compiled CPU
+        paths hash them in registers and never ask)."""
+        if callable(self._levels):
+            self._levels = self._levels()
+        return self._levels
 
     def _limits(self, start: int, stop: int, out: Tensor) -> Tensor:
         """DELLA: ceil(p * 2^24) of entries [start, stop), into out (fp32; p * 2^24 exactly, as
@@ -482,7 +507,7 @@ def random_keep(density: Tensor, noise: Noise, stats: DeltaStats) -> list[Keep |
     """DARE drop (mergekit ``random``): keep each entry whose uniform (see `_random`) is below density.
     density >= 1 keeps everything."""
     return [
-        None if d >= 1 else UniformKeep(stats.levels(e, noise), _fp32(d), key=noise.key(e))
+        None if d >= 1 else UniformKeep(functools.partial(stats.levels, e, noise), _fp32(d), key=noise.key(e))
         for e, d in enumerate(density.tolist())
     ]
 
@@ -499,8 +524,8 @@ def rank_sampled_keep(density: Tensor, epsilon: Tensor, noise: Noise, stats: Del
         if d >= 1:
             keeps.append(None)
             continue
-        levels, ranks = stats.levels(e, noise), stats.row_ranks(e)
-        keeps.append(UniformKeep(levels, _fp32(d - eps), ranks, _fp32(2 * eps), key=noise.key(e)))
+        levels = functools.partial(stats.levels, e, noise)
+        keeps.append(UniformKeep(levels, _fp32(d - eps), stats.row_ranks(e), _fp32(2 * eps), key=noise.key(e)))
     return keeps
 
 

@@ -165,14 +165,18 @@ def test_overflow_into_fp16_raises():
         merge_tensor(get_method("task_arithmetic"), base, deltas, params, out=torch.empty(64, dtype=torch.float16))
 
 
-def test_della_kept_l1_sum_equals_the_chunked_eager_sum():
-    from evomerge.merge._sparsify import _fixed_sum, rank_sampled_keep
+@pytest.mark.parametrize("ranked", [False, True])
+def test_compiled_l1_sums_equal_the_chunked_eager_sums(ranked):
+    """DARE's and DELLA's kept L1 norms and the full norms, hashed and summed in compiled passes."""
+    from evomerge.merge._sparsify import _fixed_sum, random_keep, rank_sampled_keep
 
-    _, deltas = bf16_like_inputs(2, (40, 300), seed=11)
+    _, deltas = bf16_like_inputs(2, (40, 3000), seed=11)
     stats = DeltaStats(deltas)
-    keeps = rank_sampled_keep(torch.tensor([0.4, 0.6]), torch.tensor([0.1, 0.3]), Noise(5, "w"), stats)
+    density, noise = torch.tensor([0.4, 0.6]), Noise(5, "w")
+    keeps = rank_sampled_keep(density, torch.tensor([0.1, 0.3]), noise, stats) if ranked else random_keep(density, noise, stats)
     for e, keep in enumerate(keeps):
-        shift = stats.fixed_l1(e)[1]
+        total, shift = stats.fixed_l1(e)
+        assert total == _fixed_sum(stats.flat(e), shift)
         assert stats.kept_fixed_l1(e, keep) == _fixed_sum(stats.flat(e), shift, keep) > 0
 
 
