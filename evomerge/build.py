@@ -77,6 +77,8 @@ def merge_named(
     """The merged tensor `name` in the base's dtype, or written into `out` (a live model's tensor) and
     returned; bit-identical with or without `cache`, rounded once from fp32 either way.
     FloatingPointError (naming the tensor) when a merged value is NaN or inf."""
+    if out is not None and out.dtype != base.dtype:  # round to the base's dtype first, as an export does
+        return out.copy_(merge_named(recipe, spec, name, group, base, deltas, cache=cache))
     noise = tensor_noise(recipe.seed, name) if spec.random else None
     stats = cache.stats(name, deltas) if cache is not None and spec.uses_stats else None
     out = torch.empty_like(base) if out is None else out

@@ -206,3 +206,17 @@ def test_compiled_magnitude_selection_equals_the_torch_radix_select():
         where = (magnitudes == edge.value).nonzero().squeeze(1)
         ordinals = [0, edge.equal // 2, edge.equal - 1]
         assert nth_equal(flat.numpy(), np.float32(edge.value), np.array(ordinals)).tolist() == [int(where[i]) for i in ordinals]
+
+
+def test_a_live_tensor_of_another_dtype_gets_the_merge_rounded_to_the_base_dtype():
+    """A worker may hold its live model in fp32 over a bf16 base: it must score what export writes."""
+    from evomerge.build import check_recipe, merge_named
+    from evomerge.recipe import Recipe
+
+    base, deltas = bf16_like_inputs(3, (64, 33), seed=14)
+    recipe = Recipe("ties", "base", ("a", "b", "c"), ({"weight": [0.7, 0.4, 1.3], "density": 0.5},))
+    spec = check_recipe(recipe)
+    live = merge_named(recipe, spec, "w", 0, base, deltas, out=torch.empty(base.shape, dtype=torch.float32))
+    exported = merge_named(recipe, spec, "w", 0, base, deltas)
+    assert exported.dtype == torch.bfloat16
+    assert torch.equal(live, exported.float())
