@@ -7,13 +7,12 @@
 A synthetic Llama-shaped model (scripts/make_synthetic_models.py shapes; random weights, nothing is
 downloaded) and three perturbed sources are made in memory. The build is the worker's: base tensors and
 fp32 task vectors resident, `merge_named` per tensor writing into a preallocated output tensor of the
-base's dtype (bf16), with one `MergeCache` for the whole run (as a
-worker keeps one) and without. On the CPU the merge runs the fused kernels (evomerge/merge/_fused.py;
+base's dtype (bf16), with one `MergeCache` for the whole run (as a worker keeps one) and without. On the CPU the merge runs the fused kernels (evomerge/merge/_fused.py;
 "first" includes compiling them when numba's cache under ~/.cache/evomerge/kernels is cold). Each
 candidate draws new parameters per layer group, so nothing but the cache carries over. "first" is a
 method's first cached build, which fills what that method needs and is not yet there (ties sorts each
-task vector, which breadcrumbs then reuses; dare_ties hashes each entry's uniform, which della reuses,
-and orders the entries by it; della ranks rows). The bound is one pass in the same run that reads
+task vector, which breadcrumbs then reuses; dare_ties hashes each entry's uniform and orders the
+entries by it, for its L1 lookup; della ranks rows). The bound is one pass in the same run that reads
 every task vector once and writes the output: the faster of torch's `out.copy_(deltas.sum(0))` and
 a one-pass kernel (`traffic_bound`, no fp32 temporary), timed after every cached build and at the
 end (median). A merge also reads the base, so its floor is above the bound: 16 vs 14 bytes per entry

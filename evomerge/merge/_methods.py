@@ -60,7 +60,8 @@ SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this is colinear, so slerp
 SLERP_NORM_EPS = 1e-8  # mergekit: norms at or below this count as 1
 STOCK_NORM_EPS = 1e-6  # mergekit model_stock: floor of |d_i| * |d_j| in the cosine
 STOCK_SINGULAR = 1e-6  # mergekit model_stock: |1 + (N-1) cos| below this keeps the base
-# Entries (all models together) per CPU step of _mix: large steps, since the per-op overhead of eager
+# Entries (all models together) per CPU step of the eager _mix_chunks (CPUs run the fused kernels;
+# the eager path serves what they do not cover, e.g. non-fp32 task vectors): large steps, since the per-op overhead of eager
 # torch outweighs cache misses (3 << 17 measured best for 3 models: 2.5x faster than 32K steps on one
 # thread, a CPU worker's default, and 2.9x on two threads of a 2-core machine at load 2, where the ops
 # then run in parallel). When other processes oversubscribe the cores, the per-op thread barriers of

@@ -112,14 +112,14 @@ class DeltaStats:
 
     def edge(self, e: int, rank: int, magnitudes: Tensor | None = None) -> Edge:
         """The magnitude of ascending rank `rank` in model e's task vector (magnitudes: its |delta|, flat)."""
-        if not self.keep_sorted and self._compiled():
+        if self.keep_sorted:
+            values, _ = self._sorted_of(e)
+            value = values[rank]
+            below = int(torch.searchsorted(values, value, right=False))
+            return Edge(float(value), below, int(torch.searchsorted(values, value, right=True)) - below)
+        if self._compiled():
             return _select_edge_compiled(self.flat(e).numpy(), rank)
-        if not self.keep_sorted:
-            return select_edge(self.flat(e).float().abs() if magnitudes is None else magnitudes, rank)
-        values, _ = self._sorted_of(e)
-        value = values[rank]
-        below = int(torch.searchsorted(values, value, right=False))
-        return Edge(float(value), below, int(torch.searchsorted(values, value, right=True)) - below)
+        return select_edge(self.flat(e).float().abs() if magnitudes is None else magnitudes, rank)
 
     def positions(self, e: int, edge: Edge, ordinals: Sequence[int], magnitudes: Tensor | None = None) -> list[int]:
         """Flat indices of the entries of rank edge.below + ordinal: the ordinal-th entries (in index
@@ -144,8 +144,7 @@ class DeltaStats:
         shift that keeps the sum below 2^62; the norm is total * 2^-shift."""
         if self._fixed_l1[e] is None:
             flat = self.flat(e)
-            lowest, highest = torch.aminmax(flat) if flat.numel() else (torch.zeros(()), torch.zeros(()))
-            amax = max(-float(lowest), float(highest))  # max |d| in one pass (NaN stays NaN)
+            amax = float(torch.stack(torch.aminmax(flat)).abs().max()) if flat.numel() else 0.0  # one pass, no |d| copy
             shift = _fixed_shift(amax, flat.numel())
             if self._compiled():
                 with torch_threads():
