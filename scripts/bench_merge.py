@@ -7,8 +7,9 @@
 A synthetic Llama-shaped model (scripts/make_synthetic_models.py shapes; random weights, nothing is
 downloaded) and three perturbed sources are made in memory. The build is the worker's: base tensors and
 fp32 task vectors resident, `merge_named` per tensor writing into a preallocated output tensor of the
-base's dtype (bf16), with one `MergeCache` for the whole run (as a worker keeps one) and without. On the CPU the merge runs the fused kernels (evomerge/merge/_fused.py;
-"first" includes compiling them when numba's cache under ~/.cache/evomerge/kernels is cold). Each
+base's dtype (bf16), with one `MergeCache` for the whole run (as a worker keeps one) and without.
+On the CPU the merge runs the fused kernels (evomerge/merge/_fused.py; "first" includes compiling
+them when numba's cache under ~/.cache/evomerge/kernels is cold). Each
 candidate draws new parameters per layer group, so nothing but the cache carries over. "first" is a
 method's first cached build, which fills what that method needs and is not yet there (ties sorts each
 task vector, which breadcrumbs then reuses; dare_ties hashes each entry's uniform and orders the
