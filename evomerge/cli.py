@@ -165,20 +165,15 @@ def _export_mergekit(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from evomerge.build import check_recipe
     from evomerge.errors import ConfigError
     from evomerge.export import check_out_dir, write_recipe_checkpoint
-    from evomerge.path_recipe import recipe_from_yaml
-    from evomerge.recipe import Recipe
+    from evomerge.export.mergekit import is_mergekit_config, load_mergekit_recipe
+    from evomerge.recipe import recipe_from_yaml
 
     if not args.recipe.is_file():
         raise ConfigError(f"recipe {args.recipe}: no such file")
-    from evomerge.mergekit_yaml import is_mergekit_config, load_mergekit_recipe
-
     text = args.recipe.read_text()
     recipe = load_mergekit_recipe(text) if is_mergekit_config(text) else recipe_from_yaml(text)
-    if isinstance(recipe, Recipe):
-        check_recipe(recipe)
     check_out_dir(args.out, args.force)
     files = write_recipe_checkpoint(recipe, args.out, card=f"# Merged model\n\nRecipe: `{args.recipe.name}`\n")
     print(f"wrote {args.out} ({len(files)} weight file(s))")
@@ -186,21 +181,21 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from evomerge.status import studies_table, trials_table
+    from evomerge.study.status import studies_table, trials_table
 
     print(trials_table(args.storage, args.study) if args.study else studies_table(args.storage))
     return 0
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from evomerge.dashboard import run_dashboard
+    from evomerge.study.dashboard import run_dashboard
 
     run_dashboard(args.storage, host=args.host, port=args.port, artifact_dir=args.artifacts)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from evomerge.demo import run_demo
+    from evomerge.zoo.demo import run_demo
 
     run_demo(args.dir, trials=args.trials, workers=args.workers)
     return 0

@@ -9,14 +9,16 @@ config is what gets stored in the study (resume needs nothing else).
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.dtypes import DtypeName
 from evomerge.errors import ConfigError
-from evomerge.paths import EVALUATORS_DIR, SEARCH_SPACES_DIR
+from evomerge.dirs import EVALUATORS_DIR, SEARCH_SPACES_DIR
 from evomerge.recipe import OTHER, SPLIT_KINDS as SPLIT_TENSOR_KINDS
 
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
@@ -45,7 +47,7 @@ class TrialRef(_Strict):
     Written as a mapping, `{study: NAME, storage: URL, trial: N}`, never as one string: a storage URL holds
     ':' and '/', which a string reference would confuse with a Hub id or a path. `storage` means what the
     study's own `storage:` means (a relative sqlite path is relative to the working directory). Before
-    a search starts, the trial is written once as a checkpoint in a cache folder (evomerge.trial_models).
+    a search starts, the trial is written once as a checkpoint in a cache folder (evomerge.export.trial_models).
     """
 
     study: str
@@ -59,7 +61,7 @@ ModelRef = str | TrialRef
 class ModelsConfig(_Strict):
     base: ModelRef = Field(description="base model: a local HF checkpoint dir, a Hub id 'org/name[@rev]', or a trial reference")
     sources: list[ModelRef] = Field(min_length=1, description="fine-tuned models merged onto the base")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DtypeName = "auto"
     allow_pickle: bool = False  # read pytorch_model.bin (pickle) checkpoints only when this is set
     trust_remote_code: bool = False
 
@@ -159,13 +161,40 @@ SearchSpaceConfig = Annotated[ParameterSpaceConfig | LayerSwapSpaceConfig | Data
 
 
 class TaskConfig(_Strict):
-    name: str
-    metric: str = "acc"
-    weight: float = Field(1.0, gt=0)
-    num_fewshot: int | None = Field(None, ge=0)
-    limit: int | None = Field(None, gt=0)
-    fitness_split: str = "fitness"
-    heldout_split: str = "heldout"
+    """One lm-eval task of the fitness: its metric, weight and splits (also what the scorer takes)."""
+
+    name: str = Field(description="an lm-eval task or group name (registered, or a YAML under evaluation.include_paths)")
+    metric: str = Field("acc", description="key in lm-eval's results, without the ',none' filter suffix")
+    weight: float = Field(1.0, description="weight in the fitness, a weighted mean over tasks")
+    num_fewshot: int | None = Field(None, description="few-shot examples (default: the task's own)")
+    limit: int | None = Field(None, description="examples scored per split (default: all)")
+    fitness_split: str = Field("fitness", description="split scored during the search")
+    heldout_split: str = Field("heldout", description="split the best trials are reported on")
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, weight: float) -> float:
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"Input should be greater than 0 and finite; got weight = {weight}")
+        return weight
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, limit: int | None) -> int | None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit = {limit}; set limit >= 1, or leave it out for all examples")
+        return limit
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _num_fewshot(cls, num_fewshot: int | None) -> int | None:
+        if num_fewshot is not None and num_fewshot < 0:
+            raise ValueError(f"num_fewshot = {num_fewshot}; set num_fewshot >= 0, or leave it out for the task's default")
+        return num_fewshot
+
+    def split(self, which: str) -> str:
+        """The split name scored for `which` ("fitness" or "heldout")."""
+        return self.fitness_split if which == "fitness" else self.heldout_split
 
 
 class FirstPassConfig(_Strict):

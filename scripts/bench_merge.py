@@ -76,7 +76,7 @@ def candidate_params(method: str, rng: torch.Generator, n_sources: int) -> list[
 
 def make_inputs(n_params: float, n_sources: int) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The config, bf16 base tensors and fp32 task vectors (E, *S), as a worker holds them."""
-    from evomerge.build import task_vectors
+    from evomerge.models.build import task_vectors
 
     config = llama_config(n_params)
     base, deltas = {}, {}
@@ -90,7 +90,7 @@ def make_inputs(n_params: float, n_sources: int) -> tuple[dict, dict[str, torch.
 
 def time_build(recipe, base, deltas, out, groups, cache) -> float:
     """The worker's build: each merged tensor written into the live tensor (and checked finite)."""
-    from evomerge.build import check_recipe, merge_named
+    from evomerge.models.build import check_recipe, merge_named
 
     started = clock()
     spec = check_recipe(recipe)
@@ -116,8 +116,8 @@ def time_bound(deltas, out) -> float:
 
 
 def bench_ours(args, config, base, deltas) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, list]]:
-    from evomerge.build import MergeCache
-    from evomerge.layout import LayerGroups, group_of_each
+    from evomerge.models.build import MergeCache
+    from evomerge.models.layout import LayerGroups, group_of_each
     from evomerge.recipe import Recipe
 
     groups = group_of_each(list(base), LayerGroups(config["num_hidden_layers"], N_GROUPS))

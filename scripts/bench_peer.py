@@ -262,9 +262,9 @@ def score_peer_best(peer: dict, zoo, budget: int, folder: Path) -> None:
     from bench_search import MergekitEvolveController, study_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.scoring import LmEvalScorer
+    from evomerge.runtime.scoring import LmEvalScorer
     from evomerge.search import prepare
-    from evomerge.worker import CandidateWorker
+    from evomerge.runtime.worker import CandidateWorker
 
     folder.mkdir(parents=True, exist_ok=True)
     prepared = prepare(study_config("mergekit", 0, zoo, budget, folder / "decode.db", 1))
@@ -291,7 +291,7 @@ def run_evomerge(zoo, args, started: float, tmp: Path) -> tuple[list[dict], floa
     from bench_search import run_one, study_config
     from bench_throughput import _process
 
-    from evomerge.pool import WorkerPool, start_ray
+    from evomerge.runtime.pool import WorkerPool, start_ray
     from evomerge.search import prepare
 
     setup = prepare(study_config("cmaes", 0, zoo, args.budget, tmp / "probe.db", args.workers)).setup

@@ -52,9 +52,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from bench_throughput import Meter as WaitMeter  # noqa: E402
 from evomerge.config import StudyConfig, parse_config  # noqa: E402
-from evomerge.optimize import make_controller  # noqa: E402
+from evomerge.search.controllers import make_controller  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
-from evomerge.spaces import build_space, decode_unit  # noqa: E402
+from evomerge.search.spaces import build_space, decode_unit  # noqa: E402
 
 CPUS_PER_ACTOR = 0.1  # sleepers need no CPU; 16 of them fit a 2-core machine
 
@@ -81,11 +81,13 @@ def sleep_worker(low_s: float, high_s: float) -> type:
         def __init__(self, setup: object) -> None:
             self.name = f"sleep:{os.getpid()}"
 
-        def info(self) -> dict[str, object]:
-            return {"worker": self.name, "device": "sleep", "startup_s": 0.0}
+        def info(self):
+            from evomerge.runtime.messages import WorkerInfo
+
+            return WorkerInfo(self.name, "sleep", 0.0, 0, 0)
 
         def evaluate(self, recipe: Recipe, split: str = "fitness"):
-            from evomerge.worker import CandidateResult
+            from evomerge.runtime.messages import CandidateResult
 
             duration_s = low_s + (high_s - low_s) * recipe_unit(recipe)
             started = time.perf_counter()
@@ -117,7 +119,7 @@ def bench_config(folder: Path, name: str, n_workers: int, popsize: int, generati
 
 def prepared(cfg: StudyConfig, worker_cls: type):
     from evomerge.search import Prepared
-    from evomerge.worker import WorkerSetup
+    from evomerge.runtime.messages import WorkerSetup
 
     space = build_space(cfg.search_space, cfg.models.base, cfg.models.sources, n_layers=8, seed=0)
     setup = WorkerSetup(base=cfg.models.base, sources=tuple(cfg.models.sources), tasks=(), include_paths=())
@@ -265,8 +267,8 @@ def simulated_rows(n_workers: int, mults: list[int], n_evals: int, seeds: int) -
 def ray_rows(args: argparse.Namespace) -> list[Row]:
     import ray
 
-    from evomerge.pool import WorkerPool
-    from evomerge.worker import WorkerSetup
+    from evomerge.runtime.pool import WorkerPool
+    from evomerge.runtime.messages import WorkerSetup
 
     worker_cls = sleep_worker(args.low, args.high)
     spread = f"{args.low:g}-{args.high:g}s"

@@ -59,8 +59,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evomerge.config import OPTUNA_SAMPLERS, StudyConfig, load_preset, parse_config  # noqa: E402
-from evomerge.optimize import make_controller  # noqa: E402
-from evomerge.spaces import encode_unit  # noqa: E402
+from evomerge.search.controllers import make_controller  # noqa: E402
+from evomerge.search.spaces import encode_unit  # noqa: E402
 from evomerge.study import StudyStore, fitness_of  # noqa: E402
 from evomerge.zoo._data import N_EVAL_PER_SPLIT  # noqa: E402
 
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report(data, [RunResult(**r) for r in data["runs"]], args.out))
         return 0
 
-    from evomerge.pool import WorkerPool, start_ray
+    from evomerge.runtime.pool import WorkerPool, start_ray
     from evomerge.search import prepare
     from evomerge.zoo import build_zoo
 

@@ -48,7 +48,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evomerge.config import StudyConfig, load_preset, parse_config  # noqa: E402
-from evomerge.optimize import make_controller  # noqa: E402
+from evomerge.search.controllers import make_controller  # noqa: E402
 from evomerge.study import StudyStore  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def study_config(zoo, trials: int, workers: int, db: Path) -> StudyConfig:
 
 
 def measure(zoo, trials: int, workers: int, folder: Path) -> Row:
-    from evomerge.pool import WorkerPool
+    from evomerge.runtime.pool import WorkerPool
     from evomerge.search import SearchRun, prepare
 
     prepared = prepare(study_config(zoo, trials, workers, folder / f"tp{workers}.db"))
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo", type=Path, default=None, help="zoo cache folder (default: the test cache)")
     args = parser.parse_args(argv)
 
-    from evomerge.pool import start_ray
+    from evomerge.runtime.pool import start_ray
     from evomerge.zoo import build_zoo
 
     sys.path.insert(0, str(REPO / "tests"))

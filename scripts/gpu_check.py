@@ -7,7 +7,7 @@ needs no download and no Ray. Steps, each timed:
   2. models      a Llama-shaped model of about 1B parameters built from a LlamaConfig on the GPU in bf16
                  (22 layers, d=2048, GQA 32/4 heads, MLP 5632, byte-level vocabulary of 260), and three
                  "specialists" = base + a small random perturbation, written as HF checkpoints to local disk
-  3. worker      `evomerge.worker.CandidateWorker` in-process: base and task vectors resident on the GPU
+  3. worker      `evomerge.runtime.worker.CandidateWorker` in-process: base and task vectors resident on the GPU
   4. builds      `CandidateWorker.build` for ties and dare_ties (one cold build, then timed warm builds),
                  against the bound bytes(read base + read task vectors + write live weights) / bandwidth
   5. evaluation  `CandidateWorker.evaluate` on a generated lm-eval task (reverse a random string,
@@ -205,13 +205,14 @@ def time_builds(worker, recipe, warm: int, device: torch.device) -> dict:
 
 
 def run_worker(models: dict, task_dir: Path, plan: Plan, device: torch.device, bandwidth: dict) -> dict:
-    from evomerge.scoring import TaskSpec
-    from evomerge.worker import CandidateWorker, WorkerSetup
+    from evomerge.config import TaskConfig
+    from evomerge.runtime.messages import WorkerSetup
+    from evomerge.runtime.worker import CandidateWorker
 
     paths = models["paths"]
     n_sources = len(paths) - 1
     setup = WorkerSetup(base=paths["base"], sources=tuple(paths[f"spec{i}"] for i in range(n_sources)),
-                        tasks=(TaskSpec(name=TASK),), include_paths=(str(task_dir),), batch_size=plan.batch_size,
+                        tasks=(TaskConfig(name=TASK),), include_paths=(str(task_dir),), batch_size=plan.batch_size,
                         dtype="bfloat16", device=str(device))
     worker = CandidateWorker(setup)
     log(f"worker ready in {worker.startup_s:.1f}s on {worker.device}")

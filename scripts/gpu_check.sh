@@ -6,7 +6,7 @@
 #
 # The GPU image has torch, transformers, safetensors, accelerate, peft, pyarrow, pandas, sacrebleu,
 # scikit-learn, huggingface-hub, but not lm-eval or its dataset stack; optuna, cma and ray are not needed
-# (evomerge.worker and what it imports load none of them). Those four travel as wheels (9.6 MB), which
+# (evomerge.runtime.worker and what it imports load none of them). Those four travel as wheels (9.6 MB), which
 # the scorer's code path was checked to need and no more (lm-eval's other requirements, e.g. evaluate,
 # sqlitedict, pytablewriter, rouge-score, are not imported by evaluate() + HFLM + a YAML task). Once, in the
 # repo root of the machine that calls the device tool (.whl/ is in .gitignore):

@@ -69,7 +69,7 @@ def synthetic_tensor(
 
 
 def write_model(folder: Path, config: dict, source: int, dtype: torch.dtype) -> None:
-    from evomerge.checkpoints import TensorInfo, write_checkpoint
+    from evomerge.models.checkpoints import TensorInfo, write_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     shapes = llama_shapes(config)

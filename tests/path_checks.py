@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.path_export import running_products
-from evomerge.path_model import layer_container
-from evomerge.path_recipe import PathRecipe
+from evomerge.export.path import running_products
+from evomerge.models.path_model import layer_container
+from evomerge.recipe import PathRecipe
 
 
 def match_norm_eps(exported: torch.nn.Module, recipe: PathRecipe) -> None:

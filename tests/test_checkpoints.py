@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.checkpoints import Checkpoint, check_mergeable, resolve_model, write_checkpoint
+from evomerge.models.checkpoints import Checkpoint, check_mergeable, resolve_model, write_checkpoint
 from evomerge.errors import ModelError
 from tiny_models import save_tiny
 

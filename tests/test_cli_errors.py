@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import evomerge.search
+import evomerge.search.run
 from evomerge.cli import main
 from study_configs import zoo_config
 from tiny_models import save_tiny
@@ -18,7 +18,7 @@ def _ray_must_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started although the input is bad")
 
-    monkeypatch.setattr(evomerge.search, "start_ray", refuse)
+    monkeypatch.setattr(evomerge.search.run, "start_ray", refuse)
 
 
 def edit(path: Path, change) -> Path:

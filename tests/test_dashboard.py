@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from evomerge.config import parse_config
-from evomerge.dashboard import artifact_dir_for, redact, study_note, upload_recipe_artifact, write_study_note
+from evomerge.study.dashboard import artifact_dir_for, redact, study_note, upload_recipe_artifact, write_study_note
 from evomerge.errors import StudyError
 from evomerge.study import StudyStore
 
@@ -106,7 +106,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Stud
     upload_recipe_artifact(store.study, store._running[done], yaml.safe_dump(RECIPE), art)
     store.finish_trial(done, 0.5, {"scores.fitness": {"zoo_arith": 0.5}})
     port = free_port()
-    code = f"from evomerge.dashboard import run_dashboard; run_dashboard({url!r}, port={port})"
+    code = f"from evomerge.study.dashboard import run_dashboard; run_dashboard({url!r}, port={port})"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "EVOMERGE_ARTIFACTS": ""})
     base = f"http://127.0.0.1:{port}"

@@ -13,12 +13,12 @@ import yaml
 from evomerge.config import Bound, DataFlowSpaceConfig
 from evomerge.errors import ConfigError, ModelError
 from evomerge.export import write_recipe_checkpoint
-from evomerge.path_export import path_to_mergekit, running_products
-from evomerge.path_model import PathModels
-from evomerge.path_recipe import PathRecipe, recipe_from_dict, recipe_from_yaml
+from evomerge.export.path import path_to_mergekit, running_products
+from evomerge.models.path_model import PathModels
+from evomerge.recipe import PathRecipe, recipe_from_dict, recipe_from_yaml
 from evomerge.recipe import Recipe
-from evomerge.spaces import build_space
-from evomerge.spaces._dataflow import DataFlowSpace
+from evomerge.search.spaces import build_space
+from evomerge.search.spaces._dataflow import DataFlowSpace
 from evomerge.study import StudyStore
 from path_checks import match_norm_eps
 from tiny_models import save_tiny

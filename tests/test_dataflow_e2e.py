@@ -10,7 +10,7 @@ import torch
 
 from evomerge.cli import main
 from evomerge.config import load_config
-from evomerge.path_recipe import PathRecipe, recipe_from_yaml
+from evomerge.recipe import PathRecipe, recipe_from_yaml
 from evomerge.study import StudyStore
 from path_checks import match_norm_eps
 from study_configs import zoo_config
@@ -22,7 +22,7 @@ LIMIT = 20  # examples per task
 def _search_export_rescore(config: Path, name: str, url: str, tmp_path: Path) -> tuple:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.scoring import LmEvalScorer
+    from evomerge.runtime.scoring import LmEvalScorer
     from evomerge.search import task_specs
 
     assert main(["search", str(config)]) == 0
@@ -46,8 +46,8 @@ def test_layer_swap_exports_exactly_what_it_scored(zoo_llama, tmp_path: Path) ->
 
 
 def _n_layers(zoo) -> int:
-    from evomerge.checkpoints import Checkpoint
-    from evomerge.layout import num_layers
+    from evomerge.models.checkpoints import Checkpoint
+    from evomerge.models.layout import num_layers
 
     return num_layers(Checkpoint.open(str(zoo.base)).config)
 
@@ -57,7 +57,7 @@ def _check_path_export(best, scores: dict, model, out: Path) -> None:
     in-memory path model once the norms' eps is matched (the raw difference is printed for the record)."""
     from transformers import AutoTokenizer
 
-    from evomerge.path_model import PathModels
+    from evomerge.models.path_model import PathModels
 
     recipe = recipe_from_yaml((out / "recipe.yaml").read_text())
     assert isinstance(recipe, PathRecipe) and model.config.num_hidden_layers == len(recipe.slots)

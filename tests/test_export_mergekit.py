@@ -13,8 +13,8 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.config import parse_config
-from evomerge.mergekit_yaml import load_mergekit_recipe
-from evomerge.path_recipe import PathRecipe
+from evomerge.export.mergekit import load_mergekit_recipe
+from evomerge.recipe import PathRecipe
 from evomerge.recipe import Recipe
 from evomerge.study import StudyStore
 from tiny_models import save_tiny

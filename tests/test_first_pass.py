@@ -12,7 +12,8 @@ import pytest
 from evomerge.config import load_config
 from evomerge.search import prepare, run_search
 from evomerge.study import FIRST_PASS_ATTR, StudyStore
-from evomerge.worker import CandidateWorker, FirstPass
+from evomerge.runtime.messages import FirstPass
+from evomerge.runtime.worker import CandidateWorker
 from study_configs import zoo_config
 
 PRUNED, COMPLETE = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
@@ -97,7 +98,7 @@ def test_search_with_a_first_pass_prunes_deterministically(zoo_llama, tmp_path: 
     best = store.trial(None)
     assert best.state == COMPLETE and summary.best_number == best.number
 
-    from evomerge.status import studies_table, trials_table
+    from evomerge.study.status import studies_table, trials_table
 
     assert "first pass)" in trials_table(cfg.storage, "fp-a")
     header, *rows = studies_table(cfg.storage).splitlines()
@@ -107,10 +108,11 @@ def test_search_with_a_first_pass_prunes_deterministically(zoo_llama, tmp_path: 
 def test_few_shot_tasks_are_scored_again_in_full(worker: CandidateWorker) -> None:
     """Few-shot contexts come from one random sequence over the scored examples, so a pass starting mid-way
     would see other contexts: such tasks are rescored whole, and the result is still exactly `score`'s."""
-    from evomerge.scoring import LmEvalScorer, TaskSpec
+    from evomerge.config import TaskConfig
+    from evomerge.runtime.scoring import LmEvalScorer
     from zoo_fixtures import EVALUATORS_DIR
 
-    scorer = LmEvalScorer([TaskSpec("zoo_arith", num_fewshot=2, limit=12)], [EVALUATORS_DIR])
+    scorer = LmEvalScorer([TaskConfig(name="zoo_arith", num_fewshot=2, limit=12)], [EVALUATORS_DIR])
     first = scorer.score_first_pass(worker.model, worker.tokenizer, "fitness", 0.25)
     assert first.items == {} and first.counts == {"zoo_arith": 3}
     assert scorer.score_rest(worker.model, worker.tokenizer, first) == scorer.score(worker.model, worker.tokenizer, "fitness")

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.checkpoints import Checkpoint
+from evomerge.models.checkpoints import Checkpoint
 from evomerge.errors import ModelError
-from evomerge.layout import LayerGroups, group_of_each, layer_index, num_layers, tensor_kind
+from evomerge.models.layout import LayerGroups, group_of_each, layer_index, num_layers, tensor_kind
 from tiny_models import save_tiny
 
 

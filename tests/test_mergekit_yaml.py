@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from evomerge.build import stream_merge
+from evomerge.models.build import stream_merge
 from evomerge.errors import ConfigError
-from evomerge.checkpoints import Checkpoint
-from evomerge.mergekit_yaml import (
+from evomerge.models.checkpoints import Checkpoint
+from evomerge.export.mergekit import (
     is_mergekit_config,
     layer_ranges,
     load_mergekit_recipe,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from evomerge.config import OptimizerConfig
-from evomerge.optimize import default_popsize, loads, make_controller
+from evomerge.search.controllers import default_popsize, loads, make_controller
 
 
 def run(kind: str, seed: int, generations: int = 4) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import pytest
 from evomerge.config import load_config
 from evomerge.search import prepare, resume_search, run_search
 from evomerge.study import StudyStore
-from evomerge.worker import CandidateWorker
+from evomerge.runtime.worker import CandidateWorker
 from storage_urls import storage_url, unique_name
 from study_configs import zoo_config
 
@@ -55,7 +55,7 @@ SLOW_SEARCH = """
 import dataclasses, sys, time
 from evomerge.config import load_config
 from evomerge.search import prepare, run_search
-from evomerge.worker import CandidateWorker
+from evomerge.runtime.worker import CandidateWorker
 
 def evaluate(self, recipe, split="fitness"):
     time.sleep(0.5)

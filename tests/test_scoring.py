@@ -6,11 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.scoring import LmEvalScorer, TaskSpec, UnknownTaskError, check_tasks
+from evomerge.config import TaskConfig
+from evomerge.runtime.scoring import LmEvalScorer
+from evomerge.runtime.tasks import UnknownTaskError, check_tasks
 from evomerge.zoo import eval_examples
 from zoo_fixtures import EVALUATORS_DIR, zoo_llama  # noqa: F401 (fixture)
 
-SPECS = (TaskSpec("zoo_arith"), TaskSpec("zoo_rev", weight=3.0))
+SPECS = (TaskConfig(name="zoo_arith"), TaskConfig(name="zoo_rev", weight=3.0))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,7 +80,7 @@ def test_specialists_beat_the_base_on_their_own_skill(scorer, zoo_llama):
 
 
 def test_limit_scores_the_first_examples(zoo_llama):
-    scorer = LmEvalScorer([TaskSpec("zoo_arith", limit=7)], [EVALUATORS_DIR])
+    scorer = LmEvalScorer([TaskConfig(name="zoo_arith", limit=7)], [EVALUATORS_DIR])
     model, tok = _load(zoo_llama.specialists["arith"])
     assert scorer.score(model, tok, "heldout")["zoo_arith"] == pytest.approx(_exact_match(model, tok, "arith", "heldout", 7))
 
@@ -90,20 +92,20 @@ def test_fitness_is_the_weighted_mean(scorer):
 
 
 def test_check_tasks_accepts_registered_names():
-    check_tasks([TaskSpec("zoo_arith"), TaskSpec("zoo_rev")], [EVALUATORS_DIR])
+    check_tasks([TaskConfig(name="zoo_arith"), TaskConfig(name="zoo_rev")], [EVALUATORS_DIR])
 
 
 def test_unknown_task_says_did_you_mean():
     with pytest.raises(UnknownTaskError, match=r"unknown lm-eval task 'zoo_arth' \(did you mean: zoo_arith"):
-        check_tasks([TaskSpec("zoo_arith"), TaskSpec("zoo_arth")], [EVALUATORS_DIR])
+        check_tasks([TaskConfig(name="zoo_arith"), TaskConfig(name="zoo_arth")], [EVALUATORS_DIR])
 
 
 def test_unknown_metric_and_split_name_the_choices(zoo_llama):
-    scorer = LmEvalScorer([TaskSpec("zoo_rev", metric="accuracy", limit=2)], [EVALUATORS_DIR])
+    scorer = LmEvalScorer([TaskConfig(name="zoo_rev", metric="accuracy", limit=2)], [EVALUATORS_DIR])
     with pytest.raises(ValueError, match=r"no metric 'accuracy'.*metrics: acc"):
         scorer.score(*_load(zoo_llama.base), "fitness")
     with pytest.raises(ValueError, match=r"no split 'dev' \(splits: fitness, heldout\); set fitness_split"):
-        LmEvalScorer([TaskSpec("zoo_rev", fitness_split="dev")], [EVALUATORS_DIR])
+        LmEvalScorer([TaskConfig(name="zoo_rev", fitness_split="dev")], [EVALUATORS_DIR])
 
 
 @pytest.mark.parametrize(
@@ -112,9 +114,9 @@ def test_unknown_metric_and_split_name_the_choices(zoo_llama):
 )
 def test_task_spec_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TaskSpec("zoo_rev", **kwargs)
+        TaskConfig(name="zoo_rev", **kwargs)
 
 
 def test_duplicate_tasks_are_rejected():
     with pytest.raises(ValueError, match="listed more than once"):
-        LmEvalScorer([TaskSpec("zoo_rev"), TaskSpec("zoo_rev")], [EVALUATORS_DIR])
+        LmEvalScorer([TaskConfig(name="zoo_rev"), TaskConfig(name="zoo_rev")], [EVALUATORS_DIR])

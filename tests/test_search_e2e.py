@@ -37,7 +37,7 @@ def test_search_then_export_rescored_exactly(zoo_llama, tmp_path: Path, capsys) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.config import load_config
-    from evomerge.scoring import LmEvalScorer
+    from evomerge.runtime.scoring import LmEvalScorer
     from evomerge.search import task_specs
 
     cfg = load_config(config)

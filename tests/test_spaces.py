@@ -4,7 +4,7 @@ import pytest
 from evomerge.config import Bound, ParameterSpaceConfig
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
-from evomerge.spaces import Gene, ParameterSpace, decode_unit, encode_unit, model_labels
+from evomerge.search.spaces import Gene, ParameterSpace, decode_unit, encode_unit, model_labels
 
 SOURCES = ["/m/math-7b", "org/ja-7b@main"]
 
@@ -74,7 +74,7 @@ def test_model_labels_are_unique_and_safe() -> None:
 
 def test_layer_swap_decodes_to_one_hot_task_arithmetic() -> None:
     from evomerge.config import LayerSwapSpaceConfig
-    from evomerge.spaces import LayerSwapSpace
+    from evomerge.search.spaces import LayerSwapSpace
 
     s = LayerSwapSpace(LayerSwapSpaceConfig(kind="layer_swap", layer_groups=2), "/m/base", SOURCES, n_layers=4)
     assert [g.name for g in s.genes] == ["g0.source", "g1.source"]

@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from evomerge.build import MergeCache, check_recipe, group_map, merge_named, output_plan, stream_merge, task_vectors
-from evomerge.checkpoints import Checkpoint, TensorInfo, write_checkpoint
+from evomerge.models.build import MergeCache, check_recipe, group_map, merge_named, output_plan, stream_merge, task_vectors
+from evomerge.models.checkpoints import Checkpoint, TensorInfo, write_checkpoint
 from evomerge.merge import METHODS, DeltaStats, Noise, merge_tensor
 from evomerge.merge import _methods
 from evomerge.merge._sparsify import count_of, middle_magnitude_keep, top_magnitude_keep

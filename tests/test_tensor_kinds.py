@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
-from evomerge.build import group_map, stream_merge
-from evomerge.checkpoints import Checkpoint
+from evomerge.models.build import group_map, stream_merge
+from evomerge.models.checkpoints import Checkpoint
 from evomerge.config import Bound, ParameterSpaceConfig, load_preset, parse_config
 from evomerge.errors import ConfigError
-from evomerge.mergekit_yaml import kind_filters, load_mergekit_recipe, mergekit_text, recipe_from_mergekit, recipe_to_mergekit
+from evomerge.export.mergekit import kind_filters, load_mergekit_recipe, mergekit_text, recipe_from_mergekit, recipe_to_mergekit
 from evomerge.recipe import Recipe
-from evomerge.spaces import ParameterSpace, decode_unit
+from evomerge.search.spaces import ParameterSpace, decode_unit
 from tiny_models import save_tiny
 
 KINDS = ("attention", "mlp", "other")
@@ -208,7 +208,7 @@ def test_attention_and_mlp_weights_differ_as_computed_by_hand(tiny) -> None:
 
 def test_a_small_tensor_by_hand() -> None:
     """One attention and one MLP tensor of the same layer, 2x2 each, through the same slot lookup."""
-    from evomerge.build import check_recipe, merge_named
+    from evomerge.models.build import check_recipe, merge_named
 
     recipe = Recipe("task_arithmetic", "B", ("S",), ({"weight": (2.0,), "lambda_": 1.0}, {"weight": (0.5,), "lambda_": 1.0},
                                                       {"weight": (0.0,), "lambda_": 1.0}), kinds=KINDS)

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.checkpoints import Checkpoint
+from evomerge.models.checkpoints import Checkpoint
 from evomerge.config import TrialRef, parse_config
 from evomerge.errors import ConfigError
-from evomerge.path_recipe import PathRecipe
+from evomerge.recipe import PathRecipe
 from evomerge.recipe import Recipe
-from evomerge.spaces._dataflow import DataFlowSpace
+from evomerge.search.spaces._dataflow import DataFlowSpace
 from evomerge.study import StudyStore
-from evomerge.trial_models import materialize_trial_models
+from evomerge.export.trial_models import materialize_trial_models
 from tiny_models import save_tiny
 
 
@@ -118,7 +118,7 @@ def test_prepare_resolves_trial_refs_before_anything_reads_the_models(tiny, tmp_
 
 def test_the_example_ps_dfs_configs_validate() -> None:
     from evomerge.config import load_config
-    from evomerge.paths import SEARCH_SPACES_DIR
+    from evomerge.dirs import SEARCH_SPACES_DIR
 
     stage1 = load_config(SEARCH_SPACES_DIR / "examples" / "ps_dfs_stage1.yaml")
     chained = load_config(SEARCH_SPACES_DIR / "examples" / "ps_dfs.yaml")

@@ -7,8 +7,8 @@ election, agreeing sum and weight sum, lambda_, base, and the rounding to the ou
 written directly, so no fp32 copy of the merged tensor is made).
 
 Registers need the model count fixed, so the kernels are generated per model count E from the
-templates below (one Python module per E, written once under `cache_root()/kernels`, so numba's
-on-disk cache keeps the compiled code across processes and Ray workers).
+templates below (one Python module per E, written once into the kernel folder the caller names with
+`use_kernel_dir`, so numba's on-disk cache keeps the compiled code across processes and Ray workers).
 
 The fp32 arithmetic is the eager path's, op for op and in the same order (sums over models left to
 right, lambda_ * mixed before the division, as addcdiv), so the two give equal tensors (only the sign
@@ -34,9 +34,8 @@ from torch import Tensor
 
 from evomerge.merge._numba import torch_threads
 from evomerge.merge._random import M32
-from evomerge.merge._registry import copy_checked
+from evomerge.merge._apply import copy_checked
 from evomerge.merge._sparsify import Cut, Keep, MagnitudeKeep, UniformKeep, _below
-from evomerge.paths import cache_root
 
 # columns of the per-segment, per-model fp32 table
 F_FACTOR, F_ABOVE, F_UP_TO, F_LOW24, F_SPAN24 = range(5)
@@ -175,13 +174,30 @@ def kernels(n_models: int) -> ModuleType:
     return module
 
 
+_KERNEL_DIR: Path | None = None
+
+
+def use_kernel_dir(folder: Path) -> None:
+    """Keep generated kernel modules (and numba's compiled code) in `folder` from now on in this process.
+    Without it, each process compiles into a temporary folder of its own."""
+    global _KERNEL_DIR
+    _KERNEL_DIR = Path(folder)
+
+
 def _kernel_dir() -> Path:
-    folder = cache_root() / "kernels"
+    folder = _KERNEL_DIR
+    if folder is None:
+        return _private_kernel_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     except OSError:  # a read-only home: compile per process from a temporary folder
-        return Path(tempfile.mkdtemp(prefix="evomerge-kernels-"))
+        return _private_kernel_dir()
+
+
+@functools.cache
+def _private_kernel_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="evomerge-kernels-"))
 
 
 # --- the entry point ------------------------------------------------------------------------------

@@ -1,44 +1,26 @@
-"""The merge methods, as pure functions of (base, deltas), with mergekit semantics for shared names.
+"""The merge methods' tensor functions, each bound to its catalog entry (`catalog.attach`), with
+mergekit semantics for shared names.
 
 Every method: base (*S) any float dtype; deltas (E, *S) task vectors (source - base); per-model
 parameters as (E,) fp32 tensors, global ones as floats; returns the merged full weights (*S) in fp32.
 Inputs are never written; randomness comes only from `noise` (counter-based uniforms, see `_random`).
 
-The task-vector family is mergekit's generalized task arithmetic: sparsify each delta, weight it,
-optionally elect signs (TIES), sum, optionally divide by the summed weights, scale by lambda_:
-
-    merged = base + lambda_ * sum_i(w_i * m_i * sparse(d_i)) / (normalize ? sum_i(w_i * m_i) : 1)
-
-where m_i is the sign-agreement mask (all ones without election). mergekit's ``normalize`` and
-``rescale`` flags are fixed to mergekit's per-method defaults, not parameters:
-
-    method            sparsifier             sign election  normalize  rescale (L1)
-    task_arithmetic   -                      no             no         -
-    ties              top magnitude          yes            yes        no
-    dare_ties         random (DARE)          yes            no         yes
-    dare_linear       random (DARE)          no             no         yes
-    breadcrumbs       middle magnitude       no             no         no
-    breadcrumbs_ties  middle magnitude       yes            no         no
-    della             rank-sampled (DELLA)   yes            yes        yes
-    della_linear      rank-sampled (DELLA)   no             no         yes
-
-Parameter ranges are the valid values and the default search bounds: weight in [-1, 2] (negative
-subtracts a task vector, Ilharco et al.'s negation; above 1 amplifies), linear's weight in [0, 1]
-(it is normalized, so only ratios matter), density in (0, 1], lambda_ in [0, 2], gamma in [0, 0.5],
-epsilon in [0, 0.5), t in [0, 1]. Defaults follow mergekit (density 1, gamma 0.01, epsilon 0.15,
-lambda 1) and 1.0 for weight, which mergekit requires explicitly.
+The task-vector family is generated from the catalog's `TASK_VECTOR_METHODS` table: one function per
+row, its sparsifier from `SPARSIFY`, then `_mix` (weight, sign election, normalize, lambda_, base).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import combinations
 
 import torch
 from torch import Tensor
 
 from evomerge.merge import _fused
+from evomerge.merge._apply import check_finite, copy_checked
 from evomerge.merge._random import Noise
-from evomerge.merge._registry import ParamSpec, Resolved, check_finite, copy_checked, register
+from evomerge.merge.catalog import TASK_VECTOR_METHODS, TaskVectorMethod, attach
 from evomerge.merge._sparsify import (
     DeltaStats,
     Keep,
@@ -49,12 +31,6 @@ from evomerge.merge._sparsify import (
     rescale_l1,
     top_magnitude_keep,
 )
-
-WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True)
-DENSITY = ParamSpec("density", 0.0, 1.0, 1.0, per_model=True, low_inclusive=False)
-LAMBDA = ParamSpec("lambda_", 0.0, 2.0, 1.0, per_model=False)
-GAMMA = ParamSpec("gamma", 0.0, 0.5, 0.01, per_model=True)
-EPSILON = ParamSpec("epsilon", 0.0, 0.5, 0.15, per_model=True, high_inclusive=False)
 
 SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this is colinear, so slerp falls back to lerp
 SLERP_NORM_EPS = 1e-8  # mergekit: norms at or below this count as 1
@@ -184,183 +160,49 @@ def _elect_and_sum(
     return divisor.masked_fill_(divisor == 0, 1.0)  # mergekit: divisor[divisor == 0] = 1
 
 
-# --- task-vector family (mergekit generalized_task_arithmetic) -----------------------------------
+# --- task-vector family (mergekit generalized_task_arithmetic), one function per catalog row ----------
+
+SPARSIFY: dict[str, Callable[..., list[Keep | None] | None]] = {
+    # (deltas, stats, noise, sparsifier params) -> one Keep per model (None: keep everything)
+    "none": lambda deltas, stats, noise: None,
+    "top_magnitude": lambda deltas, stats, noise, density: top_magnitude_keep(deltas, density, stats),
+    "random": lambda deltas, stats, noise, density: random_keep(density, noise, stats),
+    "middle_magnitude": lambda deltas, stats, noise, density, gamma: middle_magnitude_keep(deltas, density, gamma, stats),
+    "rank_sampled": lambda deltas, stats, noise, density, epsilon: rank_sampled_keep(density, epsilon, noise, stats),
+}
 
 
-@register(WEIGHT, LAMBDA)
-def task_arithmetic(
-    base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, noise: Noise | None = None, out: Tensor | None = None
-) -> Tensor:
-    """Task arithmetic (Ilharco et al. 2023): base + lambda_ * sum_i w_i d_i."""
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, out=out)
+def _task_vector_method(name: str, row: TaskVectorMethod) -> Callable[..., Tensor]:
+    """The tensor function of one `TASK_VECTOR_METHODS` row, named `name`."""
+
+    def method(base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, noise: Noise | None = None,
+               stats: DeltaStats | None = None, out: Tensor | None = None, **sparsifier: Tensor) -> Tensor:
+        stats = stats or DeltaStats(deltas)
+        keeps = SPARSIFY[row.sparsifier](deltas, stats, noise or Noise(), **sparsifier)
+        scale = rescale_l1(keeps, stats) if row.rescale and keeps is not None else None
+        return _mix(base, deltas, weight, elect_sign=row.elect_sign, normalize=row.normalize, lambda_=lambda_,
+                    keeps=keeps, scale=scale, out=out)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = row.paper
+    return method
 
 
-@register(WEIGHT, DENSITY, LAMBDA)
-def ties(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    lambda_: float,
-    noise: Noise | None = None,
-    stats: DeltaStats | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """TIES-Merging (Yadav et al. 2023): trim to the top-density magnitudes per model, elect the sign
-    of sum_i w_i d_i per entry, average the agreeing weighted deltas (divided by their weights)."""
-    keeps = top_magnitude_keep(deltas, density, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps, out=out)
-
-
-@register(WEIGHT, DENSITY, LAMBDA, random=True)
-def dare_ties(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    lambda_: float,
-    noise: Noise | None = None,
-    stats: DeltaStats | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """DARE (Yu et al. 2024) drop-and-rescale, then TIES sign election; not normalized (mergekit)."""
-    stats = stats or DeltaStats(deltas)
-    keeps = random_keep(density, noise or Noise(), stats)
-    scale = rescale_l1(keeps, stats)
-    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale, out=out)
-
-
-@register(WEIGHT, DENSITY, LAMBDA, random=True)
-def dare_linear(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    lambda_: float,
-    noise: Noise | None = None,
-    stats: DeltaStats | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """DARE (Yu et al. 2024) drop-and-rescale, then task arithmetic."""
-    stats = stats or DeltaStats(deltas)
-    keeps = random_keep(density, noise or Noise(), stats)
-    scale = rescale_l1(keeps, stats)
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale, out=out)
-
-
-@register(WEIGHT, DENSITY, GAMMA, LAMBDA)
-def breadcrumbs(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    gamma: Tensor,
-    lambda_: float,
-    noise: Noise | None = None,
-    stats: DeltaStats | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky 2023): drop the gamma largest and the smallest
-    magnitudes, keeping a density fraction, then task arithmetic."""
-    keeps = middle_magnitude_keep(deltas, density, gamma, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, out=out)
-
-
-@register(WEIGHT, DENSITY, GAMMA, LAMBDA)
-def breadcrumbs_ties(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    gamma: Tensor,
-    lambda_: float,
-    noise: Noise | None = None,
-    stats: DeltaStats | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Model Breadcrumbs sparsification, then TIES sign election; not normalized (mergekit)."""
-    keeps = middle_magnitude_keep(deltas, density, gamma, stats or DeltaStats(deltas))
-    return _mix(base, deltas, weight, elect_sign=True, normalize=False, lambda_=lambda_, keeps=keeps, out=out)
-
-
-def _della_window(values: Resolved, n_models: int) -> str | None:
-    """mergekit raises unless density - epsilon > 0 and density + epsilon < 1 (density < 1 only)."""
-    for index, (d, eps) in enumerate(zip(values["density"], values["epsilon"])):
-        if d < 1 and not (d - eps > 0 and d + eps < 1):
-            where = f" for models[{index}]" if n_models > 1 else ""
-            return (
-                f"density = {d!r}, epsilon = {eps!r}{where}; density - epsilon and density + epsilon must lie "
-                f"in (0, 1); lower epsilon below {min(d, 1 - d):g}"
-            )
-    return None
-
-
-@register(WEIGHT, DENSITY, EPSILON, LAMBDA, random=True, constraints=(_della_window,))
-def della(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    epsilon: Tensor,
-    lambda_: float,
-    noise: Noise | None = None,
-    stats: DeltaStats | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """DELLA-Merging (Deep et al. 2024): MagPrune (keep probability rises with magnitude rank,
-    density +- epsilon), L1 rescale, TIES sign election, normalized (mergekit)."""
-    stats = stats or DeltaStats(deltas)
-    keeps = rank_sampled_keep(density, epsilon, noise or Noise(), stats)
-    scale = rescale_l1(keeps, stats)
-    return _mix(base, deltas, weight, elect_sign=True, normalize=True, lambda_=lambda_, keeps=keeps, scale=scale, out=out)
-
-
-@register(WEIGHT, DENSITY, EPSILON, LAMBDA, random=True, constraints=(_della_window,))
-def della_linear(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    epsilon: Tensor,
-    lambda_: float,
-    noise: Noise | None = None,
-    stats: DeltaStats | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """DELLA MagPrune and L1 rescale, then task arithmetic (no sign election, not normalized)."""
-    stats = stats or DeltaStats(deltas)
-    keeps = rank_sampled_keep(density, epsilon, noise or Noise(), stats)
-    scale = rescale_l1(keeps, stats)
-    return _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=lambda_, keeps=keeps, scale=scale, out=out)
+for _name, _row in TASK_VECTOR_METHODS.items():
+    attach(_task_vector_method(_name, _row))
 
 
 # --- interpolation and geometric methods ----------------------------------------------------------
 
 
-def _weights_not_all_zero(values: Resolved, n_models: int) -> str | None:
-    if sum(values["weight"]) > 0:
-        return None
-    return (
-        f"weight = {values['weight']}; the weights must not all be 0 (linear divides by their sum); "
-        "raise one above 0"
-    )
-
-
-@register(ParamSpec("weight", 0.0, 1.0, 1.0, per_model=True), constraints=(_weights_not_all_zero,))
+@attach
 def linear(base: Tensor, deltas: Tensor, *, weight: Tensor, noise: Noise | None = None, out: Tensor | None = None) -> Tensor:
     """Weighted average of the source models (model soups, Wortsman et al. 2022), normalized as in
     mergekit: sum_i w_i x_i / sum_i w_i = base + sum_i w_i d_i / sum_i w_i. The base gets no weight."""
     return _mix(base, deltas, weight, elect_sign=False, normalize=True, lambda_=1.0, out=out)
 
 
-@register(ParamSpec("t", 0.0, 1.0, 0.5, per_model=False), max_models=1)
+@attach
 def slerp(base: Tensor, deltas: Tensor, *, t: float, noise: Noise | None = None) -> Tensor:
     """Spherical interpolation from the base (t=0) to the one source (t=1), over the whole tensor
     flattened (mergekit): v0, v1 raw weights, angle from their normalized dot product; lerp when
@@ -387,7 +229,7 @@ def _mean_pairwise_cosine(flat: Tensor) -> Tensor:
     return torch.stack(cosines).mean()
 
 
-@register(min_models=2)
+@attach
 def model_stock(base: Tensor, deltas: Tensor, *, noise: Noise | None = None) -> Tensor:
     """Model Stock (Jang et al. 2024), per whole tensor as in mergekit (filter_wise false):
     cos = mean pairwise cosine of the deltas, t = N cos / (1 + (N - 1) cos), merged = base + t * mean(d);
@@ -403,23 +245,7 @@ def model_stock(base: Tensor, deltas: Tensor, *, noise: Noise | None = None) -> 
 # --- consensus (TALL masks) -------------------------------------------------------------------------
 
 
-def _k_at_most_models(values: Resolved, n_models: int) -> str | None:
-    if values["k"] <= n_models:
-        return None
-    return (
-        f"k = {values['k']!r} with {n_models} models; k must be at most the number of models; "
-        f"lower k to {n_models} or less"
-    )
-
-
-@register(
-    WEIGHT,
-    ParamSpec("tall_lambda", 0.0, 1.0, 0.4, per_model=True),
-    ParamSpec("k", 0.0, 8.0, 2.0, per_model=False),
-    LAMBDA,
-    min_models=2,
-    constraints=(_k_at_most_models,),
-)
+@attach
 def consensus(
     base: Tensor,
     deltas: Tensor,

@@ -108,7 +108,7 @@ def test_traffic_bound_kernel_sums_the_task_vectors():
 
 
 def test_kernels_are_generated_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_fused, "_KERNEL_DIR", tmp_path / "kernels")  # what use_kernel_dir sets
     source = _fused._module_source(4)
     assert "v3 = " in source and "v4 = " not in source  # unrolled for exactly 4 models
     _fused.kernels.cache_clear()
@@ -210,7 +210,7 @@ def test_compiled_magnitude_selection_equals_the_torch_radix_select():
 
 def test_a_live_tensor_of_another_dtype_gets_the_merge_rounded_to_the_base_dtype():
     """A worker may hold its live model in fp32 over a bf16 base: it must score what export writes."""
-    from evomerge.build import check_recipe, merge_named
+    from evomerge.models.build import check_recipe, merge_named
     from evomerge.recipe import Recipe
 
     base, deltas = bf16_like_inputs(3, (64, 33), seed=14)

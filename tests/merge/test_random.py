@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.build import tensor_noise
+from evomerge.models.build import tensor_noise
 from evomerge.merge import METHODS, DeltaStats, Noise, merge_tensor
 from evomerge.merge._random import HASH_CHUNK, UNIFORM_BITS, uniform_int
 from evomerge.merge._sparsify import UniformKeep, _fixed_sum, _UniformBuckets

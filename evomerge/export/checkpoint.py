@@ -1,0 +1,149 @@
+"""Export a trial's recipe as a Hugging Face checkpoint folder, with its recipe YAML and a model card,
+or (`export_mergekit`) as a mergekit-yaml config alone, without building weights.
+
+Each kind of recipe has its parts (config, tensors, extra files) and its mergekit form registered by
+type (`functools.singledispatch`): a merge streams through `models.build`, a path through `export.path`.
+
+The merge streams tensor by tensor from the memory-mapped sources through the same `merge_named` the
+workers use, so the exported weights equal the ones the trial was scored with. The folder is written
+under a temporary name and renamed at the end: an interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import singledispatch
+from pathlib import Path
+
+from evomerge.errors import ConfigError
+from evomerge.export.card import model_card
+from evomerge.export.mergekit import mergekit_text, mergekit_text_for
+from evomerge.export.path import path_checkpoint, path_to_mergekit
+from evomerge.models.build import check_recipe, stream_merge
+from evomerge.models.checkpoints import Checkpoint, CheckpointParts, torch_dtype, write_checkpoint
+from evomerge.recipe import CandidateRecipe, PathRecipe, Recipe
+from evomerge.study.store import StudyStore
+
+
+@dataclass(frozen=True)
+class Exported:
+    out: Path
+    trial: int
+    files: list[Path]
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"--out {out}: already exists and is not empty; choose a new folder or pass --force")
+
+
+def export_trial(store: StudyStore, number: int | None, out: Path, *, force: bool = False) -> Exported:
+    trial = store.completed_trial(number)
+    check_out_dir(out, force)
+    recipe = StudyStore.recipe_of(trial)
+    card = model_card(recipe, store.study.study_name, trial, store.heldout(trial.number))
+    files = write_recipe_checkpoint(recipe, out, card=card)
+    return Exported(out=out, trial=trial.number, files=files)
+
+
+def mergekit_target(out: Path) -> Path:
+    """Where `export --format mergekit` writes: OUT itself when it ends in .yaml/.yml, else OUT/mergekit.yaml."""
+    return out if out.suffix in (".yaml", ".yml") else out / "mergekit.yaml"
+
+
+def export_mergekit(store: StudyStore, jobs: Sequence[tuple[int | None, Path]], *, force: bool = False) -> list[Exported]:
+    """Write trials' recipes as mergekit YAML only (no weights): each (trial number, out) pair to
+    `mergekit_target(out)`; trial None is the best.
+
+    Every trial is checked before anything is written: a one-line ConfigError, with nothing written,
+    when a target exists (without `force`) or a recipe has no mergekit form (consensus, a scaled
+    data-flow path, kinds no filter separates).
+    """
+    planned = []
+    for number, out in jobs:
+        trial = store.completed_trial(number)
+        target = mergekit_target(out)
+        if target.parent.exists() and not target.parent.is_dir():
+            raise ConfigError(f"--out {out}: is a file; give a folder, or a path ending in .yaml")
+        if target.exists() and not force:
+            raise ConfigError(f"--out {target}: already exists; choose another path or pass --force")
+        try:
+            text = mergekit_text_of(StudyStore.recipe_of(trial))
+        except ConfigError as exc:
+            raise ConfigError(f"trial {trial.number} has no mergekit form: {exc}; export it with --format checkpoint") from None
+        planned.append((trial.number, target, text))
+    for number, target, text in planned:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return [Exported(out=target, trial=number, files=[target]) for number, target, _ in planned]
+
+
+@singledispatch
+def checkpoint_parts(recipe: CandidateRecipe, allow_pickle: bool = False) -> CheckpointParts:
+    raise TypeError(f"no export for {type(recipe).__name__}")
+
+
+@checkpoint_parts.register
+def _merge_parts(recipe: Recipe, allow_pickle: bool = False) -> CheckpointParts:
+    """A merge: the base's config (dtype as the recipe says), tensors streamed from `models.build`, and
+    mergekit.yaml where mergekit can rebuild it. The recipe is checked here, before anything is written."""
+    check_recipe(recipe)
+    base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
+    config = dict(base.config)
+    tensors = stream_merge(recipe, allow_pickle=allow_pickle)
+    dtype = torch_dtype(recipe.dtype)
+    if dtype is not None:
+        tensors = ((n, t.to(dtype)) for n, t in tensors)
+        config["dtype"] = config["torch_dtype"] = recipe.dtype
+    text = mergekit_text_for(recipe, base)
+    return CheckpointParts(config, tensors, base.path, extra_files={} if text is None else {"mergekit.yaml": text})
+
+
+@checkpoint_parts.register
+def _path_parts(recipe: PathRecipe, allow_pickle: bool = False) -> CheckpointParts:
+    return path_checkpoint(recipe, allow_pickle=allow_pickle)
+
+
+@singledispatch
+def mergekit_text_of(recipe: CandidateRecipe, *, allow_pickle: bool = False) -> str:
+    """The mergekit YAML of a recipe, read against its base's header; ConfigError without one."""
+    raise TypeError(f"no mergekit form for {type(recipe).__name__}")
+
+
+@mergekit_text_of.register
+def _merge_mergekit(recipe: Recipe, *, allow_pickle: bool = False) -> str:
+    return mergekit_text(recipe, Checkpoint.open(recipe.base, allow_pickle=allow_pickle))
+
+
+@mergekit_text_of.register
+def _path_mergekit(recipe: PathRecipe, *, allow_pickle: bool = False) -> str:
+    config = Checkpoint.open(recipe.base_model, allow_pickle=allow_pickle).config
+    text = path_to_mergekit(recipe, config)
+    if text is None:
+        raise ConfigError("a path with scaled slots cannot be written as a mergekit passthrough")
+    return text
+
+
+def write_recipe_checkpoint(recipe: CandidateRecipe, out: Path, *, card: str, allow_pickle: bool = False) -> list[Path]:
+    """Merge `recipe` (or lay out a path recipe's layers) into a new checkpoint folder `out`, replaced atomically."""
+    parts = checkpoint_parts(recipe, allow_pickle)
+    out = out.resolve()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = write_checkpoint(parts.tensors, tmp, config=parts.config, side_files_from=parts.side_files_from, plan=parts.plan)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        (tmp / "README.md").write_text(card)
+        for name, text in parts.extra_files.items():  # mergekit.yaml where mergekit can rebuild it
+            (tmp / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return [out / f.name for f in files]

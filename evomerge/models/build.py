@@ -1,0 +1,134 @@
+"""Turn a Recipe into merged tensors, one tensor at a time.
+
+Both paths that build a merge go through `merge_named`: the worker's in-memory build (task vectors
+resident, weights written into a live model) and the streaming export (tensors read from memory-mapped
+checkpoints). Sharing it is what makes an exported checkpoint score exactly what its trial scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import torch
+
+from evomerge.dirs import cache_root
+from evomerge.merge import DeltaStats, MethodSpec, Noise, get_method, merge_tensor, use_kernel_dir
+from evomerge.models.checkpoints import Checkpoint, TensorInfo, check_mergeable, dtype_of, torch_dtype
+from evomerge.models.layout import LayerGroups, group_of_each, num_layers, tensor_kind
+from evomerge.recipe import Recipe
+
+# Compiled merge kernels live in the machine's cache, shared by every process that merges here.
+use_kernel_dir(cache_root() / "kernels")
+
+DELTA_DTYPE = torch.float32  # task vectors are kept in fp32 so every build path rounds the same way
+
+
+def task_vectors(base: torch.Tensor, sources: Sequence[torch.Tensor | Callable[[], torch.Tensor]]) -> torch.Tensor:
+    """(E, *S) differences source - base, in DELTA_DTYPE.
+
+    A source may be a tensor or a function that reads it, so a streaming caller holds one source
+    tensor at a time; each difference is written straight into the preallocated (E, *S) result.
+    """
+    base32 = base.to(torch.float32)
+    out = torch.empty((len(sources), *base.shape), dtype=DELTA_DTYPE, device=base.device)
+    for row, source in zip(out, sources):
+        torch.sub(source() if callable(source) else source, base32, out=row)  # exact: s -> fp32, then fp32 sub
+    return out
+
+
+def tensor_noise(seed: int, name: str) -> Noise:
+    """The uniforms random methods draw for tensor `name`: a hash of (recipe seed, name, model, entry),
+    the same on every device and in every process (see evomerge.merge._random)."""
+    return Noise(seed, name)
+
+
+class MergeCache:
+    """Per-worker precomputation over resident task vectors, reused by every candidate.
+
+    It keeps one `DeltaStats` per tensor name, filled on first use by the methods that need it, per
+    entry per source: TIES/Breadcrumbs keep the sorted |delta| and its order (8 bytes), so a density
+    is a binary search instead of a selection per model per candidate; DARE/DELLA keep the entry's
+    uniform (4 bytes; it depends on the recipe seed, tensor name and index only), DARE also the entries'
+    order by uniform (4 bytes; its L1 rescale is then a lookup, not a pass), and DELLA its row ranks
+    (4 bytes). The CPU's fused kernels hash the uniforms again in registers rather than read them (it
+    is cheaper); the eager path (accelerators) reads them. The task vectors themselves take 4 bytes.
+    Merges with and without a cache are bit-identical.
+    """
+
+    def __init__(self) -> None:
+        self._stats: dict[str, DeltaStats] = {}
+
+    def stats(self, name: str, deltas: torch.Tensor) -> DeltaStats:
+        """The stats of `name`, rebuilt when they were made for another deltas tensor."""
+        stats = self._stats.get(name)
+        if stats is None or stats.deltas is not deltas:
+            stats = self._stats[name] = DeltaStats(deltas, keep_sorted=True)
+        return stats
+
+
+def merge_named(
+    recipe: Recipe,
+    spec: MethodSpec,
+    name: str,
+    group: int,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    *,
+    cache: MergeCache | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The merged tensor `name` in the base's dtype, or written into `out` (a live model's tensor) and
+    returned; bit-identical with or without `cache`, rounded once from fp32 either way.
+    FloatingPointError (naming the tensor) when a merged value is NaN or inf."""
+    if out is not None and out.dtype != base.dtype:  # round to the base's dtype first, as an export does
+        return out.copy_(merge_named(recipe, spec, name, group, base, deltas, cache=cache))
+    noise = tensor_noise(recipe.seed, name) if spec.random else None
+    stats = cache.stats(name, deltas) if cache is not None and spec.uses_stats else None
+    out = torch.empty_like(base) if out is None else out
+    try:
+        return merge_tensor(spec, base, deltas, recipe.groups[group], noise, stats=stats, out=out)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"merged tensor {name!r}: {e}; the recipe is degenerate") from None
+
+
+def check_recipe(recipe: Recipe) -> MethodSpec:
+    """The recipe's method, after checking every group's parameters against it (one-line errors)."""
+    spec = get_method(recipe.method)
+    for params in recipe.groups:
+        spec.check(params, len(recipe.sources))
+    return spec
+
+
+def group_map(recipe: Recipe, base: Checkpoint) -> dict[str, int]:
+    """Index into `recipe.groups` for every tensor: its layer group's parameters, and within the layer
+    group its tensor kind's when the recipe has kinds (`Recipe.slot`)."""
+    layer_groups = group_of_each(base.names, LayerGroups(num_layers(base.config), recipe.n_groups))
+    return {name: recipe.slot(g, tensor_kind(name)) for name, g in layer_groups.items()}
+
+
+def stream_merge(recipe: Recipe, *, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor) for every tensor of the base, in the base's order.
+
+    Memory holds one tensor's worth at a time: the base tensor, the (E, *S) task vectors (each source
+    read from disk in turn, straight into its row) and the method's working tensors.
+    """
+    spec = check_recipe(recipe)
+    base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
+    sources = [Checkpoint.open(s, allow_pickle=allow_pickle) for s in recipe.sources]
+    check_mergeable(base, zip(recipe.sources, sources))
+    groups = group_map(recipe, base)
+    for name in base.names:
+        base_t = base.tensor(name)
+        deltas = task_vectors(base_t, [partial(s.tensor, name) for s in sources])
+        merged = merge_named(recipe, spec, name, groups[name], base_t, deltas)
+        del base_t, deltas  # free before the consumer writes, so two tensors' work never overlaps
+        yield name, merged
+
+
+def output_plan(recipe: Recipe, base: Checkpoint) -> list[TensorInfo]:
+    """Name, shape and dtype of every tensor `stream_merge` yields, in order, after the recipe's dtype
+    (float32 / bfloat16 / float16; anything else keeps each base tensor's dtype, as export does).
+    Passing it to `write_checkpoint(plan=...)` lets the writer put each shard's header first."""
+    forced = torch_dtype(recipe.dtype)
+    return [TensorInfo(n, tuple(base.shapes[n]), forced or dtype_of(base.dtypes[n])) for n in base.names]

@@ -1,0 +1,191 @@
+"""What a checkpoint holds, read from its headers alone: config, tensor names, shapes and dtypes (no torch).
+
+The controller checks models with this before any worker starts (a missing folder, a truncated file,
+sources that do not fit the base), without loading torch or any weight. `checkpoints.Checkpoint` adds
+the tensor reads on top.
+
+A reference is a local folder or a Hub id `org/name[@revision]` resolved through huggingface_hub's
+cache (a cluster downloads; offline, HF_HUB_OFFLINE=1 reads the cache only). Pickled `.bin`
+checkpoints are refused unless the user opts in, since unpickling runs arbitrary code; their header is
+read with an unpickler that only knows tensors and ordered dicts, so reading it runs no code either.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evomerge.errors import ModelError
+
+
+def resolve_model(ref: str) -> Path:
+    """A local checkpoint folder for `ref`, or a ModelError that says how to make it available."""
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise ModelError(f"model {ref!r}: no such folder; pass an HF checkpoint folder or a Hub id 'org/name'")
+    repo_id, _, revision = ref.partition("@")
+    from huggingface_hub import snapshot_download  # lazy: only Hub ids need it
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None))
+    except Exception as exc:  # noqa: BLE001 -- any hub failure means "not available here"
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        reason = str(exc).splitlines()[0][:160]
+        raise ModelError(f"model {ref!r}: not a local folder and not available from the Hub{offline}: {reason}") from None
+
+
+@dataclass
+class CheckpointHeader:
+    """One model folder: its config and an index of tensor name -> (file, shape, dtype, byte range)."""
+
+    path: Path
+    config: dict
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # safetensors dtype names ("BF16", "F32", ...); torch names for pickled ones
+    _files: dict[str, Path] = field(repr=False)
+    _spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # absolute byte range
+
+    @classmethod
+    def open(cls, ref: str, *, allow_pickle: bool = False) -> CheckpointHeader:
+        path = resolve_model(ref)
+        config = read_config(path, ref)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            return cls(path, config, *_pickled_index(path, ref, allow_pickle))
+        shapes, dtypes, where, spans = {}, {}, {}, {}
+        for file in files:
+            for name, (dtype, shape, span) in read_safetensors_index(file).items():
+                shapes[name], dtypes[name], where[name], spans[name] = shape, dtype, file, span
+        return cls(path=path, config=config, shapes=shapes, dtypes=dtypes, _files=where, _spans=spans)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    @property
+    def pickled(self) -> bool:
+        return not self._spans and bool(self.shapes)
+
+
+def read_safetensors_index(file: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
+    """name -> (dtype name, shape, absolute byte range) from a safetensors header, names sorted (as
+    safetensors' own `keys()` lists them)."""
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        text = handle.read(size) if 0 < size <= 100 * 1024**2 else b""
+    try:
+        header = json.loads(text)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ModelError(f"{file}: not a safetensors file (its header does not parse); re-save or re-download it")
+    start = 8 + size
+    out = {}
+    try:
+        for name in sorted(header):
+            if name != "__metadata__":
+                info = header[name]
+                begin, end = info["data_offsets"]
+                out[name] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]), (start + int(begin), start + int(end)))
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{file}: tensor {name!r} has a malformed safetensors header entry; re-save or re-download it") from None
+    return out
+
+
+def read_config(path: Path, ref: str) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelError(f"model {ref!r}: {path} has no config.json; is it a Hugging Face checkpoint folder?")
+    return json.loads(file.read_text())
+
+
+def pickled_files(path: Path, ref: str, allow_pickle: bool) -> list[Path]:
+    """The folder's pytorch_model*.bin files, or a ModelError: none there, or pickles not allowed."""
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ModelError(f"model {ref!r}: {path} has no *.safetensors weights")
+    if not allow_pickle:
+        raise ModelError(
+            f"model {ref!r}: weights are pickled (.bin), which can run code when loaded; "
+            "convert them to safetensors, or set models.allow_pickle: true if you trust them"
+        )
+    return bins
+
+
+def _pickled_index(path: Path, ref: str, allow_pickle: bool) -> tuple[dict, dict, dict]:
+    """(shapes, dtypes, files) of a pickled checkpoint, read without running its pickle's code."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    files: dict[str, Path] = {}
+    for file in pickled_files(path, ref, allow_pickle):
+        for name, (dtype, shape) in _pickled_tensors(file).items():
+            shapes[name], dtypes[name], files[name] = shape, dtype, file
+    return shapes, dtypes, files
+
+
+# torch's legacy storage class names (what torch.save pickles) -> torch dtype names
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16", "DoubleStorage": "float64",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool",
+}
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Reads a torch.save'd state dict as {name: (dtype, shape)}: knows tensors and ordered dicts only."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return lambda storage, offset, size, *rest: (storage, tuple(int(d) for d in size))
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, *rest: data
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):  # noqa: ANN001, ANN201 -- ('storage', dtype name, key, location, numel)
+        return pid[1]
+
+
+def _pickled_tensors(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    try:
+        with zipfile.ZipFile(file) as archive:
+            entry = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            state = _HeaderUnpickler(archive.open(entry)).load()
+    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ModelError(f"{file}: not a state dict of tensors that evomerge can read ({exc}); "
+                         "convert the checkpoint to safetensors") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{file}: holds a {type(state).__name__}, not a state dict; convert it to safetensors")
+    return dict(state)
+
+
+def check_mergeable(base: CheckpointHeader, sources: Iterable[tuple[str, CheckpointHeader]]) -> None:
+    """Every source must have exactly the base's tensor names and shapes."""
+    for label, src in sources:
+        missing = [n for n in base.names if n not in src.shapes]
+        extra = [n for n in src.names if n not in base.shapes]
+        if missing or extra:
+            what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which the base lacks"
+            count = len(missing) + len(extra)
+            raise ModelError(
+                f"model {label!r} {what} ({count} tensor names differ from the base); "
+                "merge only models fine-tuned from the same base architecture"
+            )
+        for name in base.names:
+            if src.shapes[name] != base.shapes[name]:
+                raise ModelError(
+                    f"model {label!r}: tensor {name!r} has shape {list(src.shapes[name])}, "
+                    f"the base has {list(base.shapes[name])}; merge only models of the same size"
+                )

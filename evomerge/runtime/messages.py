@@ -1,0 +1,106 @@
+"""What crosses between the controller and its workers: small, picklable, torch-free dataclasses.
+
+The controller imports this module only (never the worker), so it stays free of torch: a Ray actor
+process is the first to import the worker and the models it builds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from evomerge.config import StudyConfig, TaskConfig
+from evomerge.recipe import PathRecipe, Recipe
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+Split = Literal["fitness", "heldout"]
+
+
+@dataclass(frozen=True)
+class FirstPass:
+    """Score the first `fraction` of each task's examples; go on to all of them only if that fitness
+    reaches `promote_at` (-inf: always)."""
+
+    fraction: float
+    promote_at: float
+
+
+@dataclass(frozen=True)
+class Job:
+    """One candidate to build and score: its trial, its recipe, and where it sits in the search."""
+
+    trial: int  # the Optuna trial whose outcome this is (held-out jobs: the trial re-scored)
+    recipe: Recipe | PathRecipe
+    split: Split = "fitness"
+    attempt: int = 0
+    first_pass: FirstPass | None = None  # multi-fidelity: see CandidateWorker.evaluate
+    generation: int = 0
+    candidate: int = 0  # index within its generation (Optuna samplers: within the study)
+    params: Mapping[str, float | str] | None = None  # the trial's gene values (to retry a sampler's proposal)
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    reason: str
+    worker_died: bool
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    scores: dict[str, float]
+    fitness: float
+    merge_s: float
+    eval_s: float
+    worker: str = ""
+    peak_mem_mb: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    first_pass: dict[str, float] | None = None  # scores of a multi-fidelity first pass, when one ran
+    first_pass_fitness: float | None = None
+    full: bool = True  # False: held back after the first pass; `scores` and `fitness` are the first pass's
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker's report once it is ready: where it runs, how long it took, what it keeps resident."""
+
+    worker: str  # "host:pid"
+    device: str
+    startup_s: float
+    resident_bytes: int  # tensors the worker holds (live model, base, task vectors, caches)
+    rss_bytes: int  # the process's resident set size after start-up
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs to start; small and picklable (it crosses to Ray actors)."""
+
+    base: str
+    sources: tuple[str, ...]
+    tasks: tuple[TaskConfig, ...]
+    include_paths: tuple[str, ...]
+    batch_size: int = 64
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda when visible, else cpu
+    threads: int | None = None  # torch intra-op threads on CPU
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    merge_cache: bool = False
+    kind: str = Recipe.kind  # the candidate kind the study searches: its builder is made at start-up
+
+    @classmethod
+    def from_config(cls, cfg: StudyConfig, kind: str = Recipe.kind) -> WorkerSetup:
+        """The one place a study config becomes a worker's setup."""
+        return cls(
+            base=str(cfg.models.base),
+            sources=tuple(str(s) for s in cfg.models.sources),
+            tasks=tuple(cfg.evaluation.tasks),
+            include_paths=tuple(cfg.evaluation.include_paths),
+            batch_size=cfg.evaluation.batch_size,
+            dtype=cfg.models.dtype,
+            allow_pickle=cfg.models.allow_pickle,
+            trust_remote_code=cfg.models.trust_remote_code,
+            merge_cache=cfg.workers.merge_cache,
+            kind=kind,
+        )

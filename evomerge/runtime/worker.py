@@ -1,0 +1,113 @@
+"""A candidate worker: each candidate built into a live model in memory and scored with lm-eval.
+
+Per candidate only the recipe changes: what a kind of candidate needs resident is loaded once, by that
+kind's builder (`models.live`), and lm-eval scores the built model through a scorer built once. The
+class is plain Python; `runtime.pool` wraps it in Ray actors, and the GPU check drives it in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from evomerge.models.live import KINDS, LiveBuilder, LoadOptions, builder_type
+from evomerge.recipe import PathRecipe, Recipe
+from evomerge.runtime.messages import CandidateResult, FirstPass, WorkerInfo, WorkerSetup
+from evomerge.runtime.scoring import LmEvalScorer
+
+
+class CandidateWorker:
+    def __init__(self, setup: WorkerSetup) -> None:
+        started = time.perf_counter()
+        if setup.threads:
+            torch.set_num_threads(setup.threads)
+        self.setup = setup
+        self.device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.options = LoadOptions(self.device, setup.dtype, setup.allow_pickle, setup.trust_remote_code, setup.merge_cache)
+        self._builders: dict[type, LiveBuilder] = {}
+        self._builder(KINDS[setup.kind])  # the study's kind is loaded at start-up; another on first use
+        self.scorer = LmEvalScorer(setup.tasks, [os.fspath(p) for p in setup.include_paths], batch_size=setup.batch_size,
+                                   device=str(self.device))
+        self.name = f"{os.uname().nodename}:{os.getpid()}"
+        self.startup_s = time.perf_counter() - started
+
+    def _builder(self, kind: type) -> LiveBuilder:
+        if kind not in self._builders:
+            self._builders[kind] = builder_type(kind)(self.setup.base, self.setup.sources, self.options)
+        return self._builders[kind]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The live model merge candidates are written into."""
+        return self._builder(Recipe).model
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 -- a transformers tokenizer
+        return self._builder(Recipe).tokenizer
+
+    def info(self) -> WorkerInfo:
+        resident = sum(b.resident_bytes() for b in self._builders.values())
+        return WorkerInfo(self.name, str(self.device), self.startup_s, resident, _rss_bytes())
+
+    @torch.no_grad()
+    def build(self, recipe: Recipe | PathRecipe) -> float:
+        """Make the recipe's candidate the current model (merged weights written in place, or the path
+        model pointed at a path's layers); returns seconds spent."""
+        started = time.perf_counter()
+        self._current = self._builder(type(recipe)).build(recipe)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def evaluate(self, recipe: Recipe | PathRecipe, split: str = "fitness", first_pass: FirstPass | None = None) -> CandidateResult:
+        """Build the candidate and score it on one split ("fitness" during search, "heldout" to report),
+        optionally after a cheap first pass that may end the evaluation early (multi-fidelity)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        merge_s = self.build(recipe)
+        model, tokenizer = self._current
+        started = time.perf_counter()
+        first = first_fitness = None
+        if first_pass is None:
+            scores = self.scorer.score(model, tokenizer, split)
+        else:
+            partial = self.scorer.score_first_pass(model, tokenizer, split, first_pass.fraction)
+            first, first_fitness = partial.scores, self.scorer.fitness(partial.scores)
+            if first_fitness < first_pass.promote_at:
+                return CandidateResult(scores=first, fitness=first_fitness, merge_s=merge_s,
+                                       eval_s=time.perf_counter() - started, worker=self.name,
+                                       peak_mem_mb=_peak_mem_mb(self.device), first_pass=first,
+                                       first_pass_fitness=first_fitness, full=False)
+            scores = self.scorer.score_rest(model, tokenizer, partial)  # the first pass's examples are not redone
+        return CandidateResult(
+            scores=scores,
+            fitness=self.scorer.fitness(scores),
+            merge_s=merge_s,
+            eval_s=time.perf_counter() - started,
+            worker=self.name,
+            peak_mem_mb=_peak_mem_mb(self.device),
+            first_pass=first,
+            first_pass_fitness=first_fitness,
+        )
+
+
+def _peak_mem_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    except ImportError:
+        return None
+
+
+def _rss_bytes() -> int:
+    """The process's current resident set size (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,16 @@
+"""The study: the Optuna database a search writes (one writer, the controller), and what reads it.
+
+    store.py      StudyStore: trials, recipes, scores, optimizer checkpoints, history (the only writer)
+    storage.py    StorageUrl: sqlite / postgresql / journal URLs, parsed once
+    status.py     plain-text tables of studies and trials
+    dashboard.py  optuna-dashboard: recipe artifacts, the study note, the server
+
+No torch here, and nothing from `evomerge.search` (import-linter contracts).
+"""
+
+from evomerge.study.storage import StorageUrl, optuna_storage
+from evomerge.study.store import FIRST_PASS_ATTR, MAX_ATTEMPTS, StudyStore, fitness_of, refuse_existing, study_names
+
+
+__all__ = ["FIRST_PASS_ATTR", "MAX_ATTEMPTS", "StorageUrl", "StudyStore", "fitness_of", "optuna_storage",
+           "refuse_existing", "study_names"]

@@ -1,0 +1,250 @@
+"""The Optuna study: the one place a search's trials, recipes and scores are written.
+
+Only the controller process writes (SQLite tolerates one writer; PostgreSQL is for clusters). Each
+candidate is a trial: its genes are the trial params (real values, readable in optuna-dashboard), its
+recipe and per-task fitness scores are user attributes. The study keeps the full resolved config, so
+export and status need only the storage URL and the study name. Held-out scores are computed after a
+trial has finished, and Optuna forbids changing finished trials, so they live in study user attributes
+(`heldout.<trial number>`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import yaml
+
+from evomerge.config import StudyConfig, parse_config
+from evomerge.errors import StudyError
+from evomerge.recipe import PathRecipe, Recipe, recipe_from_dict
+from evomerge.study.storage import StorageUrl
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+logging.getLogger("optuna").setLevel(logging.WARNING)
+
+CONFIG_ATTR = "evomerge.config"
+HELDOUT_PREFIX = "heldout."
+CONTROLLER_ATTR = "evomerge.controller"  # -> {"generation", "bytes", "key"}; the state is one attribute, `key`
+LEGACY_OPTIMIZER_ATTR = "evomerge.optimizer"  # studies written before 0.2 keep chunked state under this
+HISTORY_PREFIX = "history.g"  # per generation: best, median, sigma, failures
+WORKERS_ATTR = "workers"  # each worker's start-up time and resident memory
+FIRST_PASS_ATTR = "first_pass_fitness"
+MAX_ATTEMPTS = 2  # a failed candidate is retried once, then told to the optimizer as failed
+
+
+def study_names(url: str | StorageUrl) -> list[str]:
+    storage = StorageUrl.parse(url)
+    if not storage.exists():
+        return []
+    return [s.study_name for s in optuna.get_all_study_summaries(storage=storage.optuna())]
+
+
+def refuse_existing(url: str | StorageUrl, name: str) -> None:
+    """The one "study already exists" check: a StudyError that says how to go on."""
+    storage = StorageUrl.parse(url)
+    if name in study_names(storage):
+        raise StudyError(
+            f"study {name!r} already exists in {storage.redacted}; pass --study NEW_NAME, continue it with "
+            f"`evomerge resume {name} --storage {storage.redacted}`, or look at it with `evomerge status --storage "
+            f"{storage.redacted} {name}`"
+        )
+
+
+def fitness_of(trial: optuna.trial.FrozenTrial) -> float:
+    """The weighted-mean fitness of a completed trial (multi-objective studies keep it as an attribute)."""
+    return trial.user_attrs.get("fitness", trial.value if len(trial.values or ()) == 1 else float("nan"))
+
+
+class StudyStore:
+    """The study's single writer."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self._running: dict[int, optuna.Trial] = {}
+
+    @classmethod
+    def create(cls, cfg: StudyConfig, genes: Mapping[str, Any], sampler: optuna.samplers.BaseSampler | None = None) -> StudyStore:
+        """A new study for `cfg`; `sampler` proposes trials (the controller's; default: one that replays
+        enqueued params, which is all evomerge's own controllers need)."""
+        storage = StorageUrl.parse(cfg.storage)
+        refuse_existing(storage, cfg.name)
+        directions = ["maximize"] * (len(cfg.evaluation.tasks) if cfg.optimizer.objectives == "per_task" else 1)
+        study = optuna.create_study(storage=storage.optuna(), study_name=cfg.name, directions=directions,
+                                    sampler=sampler or optuna.samplers.RandomSampler(seed=cfg.optimizer.seed))
+        study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())
+        study.set_user_attr("evomerge.genes", list(genes))
+        return cls(study)
+
+    @classmethod
+    def open(cls, url: str | StorageUrl, name: str | None) -> StudyStore:
+        storage = StorageUrl.parse(url)
+        names = study_names(storage)
+        if name is None:
+            if len(names) != 1:
+                raise StudyError(f"storage {storage.redacted} holds {len(names)} studies ({', '.join(names) or 'none'}); name one")
+            name = names[0]
+        if name not in names:
+            raise StudyError(f"study {name!r} not found in {storage.redacted} (studies there: {', '.join(names) or 'none'})")
+        return cls(optuna.load_study(study_name=name, storage=storage.optuna()))
+
+    @property
+    def config(self) -> StudyConfig:
+        text = self.study.user_attrs.get(CONFIG_ATTR)
+        if text is None:
+            raise StudyError(f"study {self.study.study_name!r} was not made by evomerge (no stored config)")
+        return parse_config(yaml.safe_load(text), source=f"study {self.study.study_name}")
+
+    def start_trial(self, params: Mapping[str, Any] | None, distributions: Mapping[str, Any], attrs: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A RUNNING trial holding exactly `params` (or, when None, params the study's sampler proposes);
+        returns its number and params."""
+        if params is not None:
+            self.study.enqueue_trial(dict(params), user_attrs=dict(attrs))
+        trial = self.study.ask(fixed_distributions=dict(distributions))
+        if params is None:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+        self._running[trial.number] = trial
+        return trial.number, dict(trial.params)
+
+    def set_recipe(self, number: int, recipe: dict[str, Any]) -> None:
+        self._running[number].set_user_attr("recipe", recipe)
+
+    def finish_trial(self, number: int, fitness: float, attrs: Mapping[str, Any], objectives: list[float] | None = None) -> bool:
+        """Record a scored trial; False when someone finished it meanwhile (in the dashboard, say).
+
+        `fitness` is the weighted mean over tasks (also kept as the `fitness` user attribute); a
+        multi-objective study is told `objectives` (one score per task) instead.
+        """
+        return self._close(number, {**attrs, "fitness": fitness}, fitness=objectives or fitness)
+
+    def prune_trial(self, number: int, fitness: float, attrs: Mapping[str, Any]) -> bool:
+        """Record a candidate held back after its multi-fidelity first pass: PRUNED, with the first-pass
+        fitness as its value (and `fitness` attribute); False when someone finished it meanwhile."""
+        try:
+            self._running[number].report(fitness, step=0)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            pass  # finished elsewhere; _close says so
+        return self._close(number, {**attrs, "fitness": fitness}, state=optuna.trial.TrialState.PRUNED)
+
+    def fail_trial(self, number: int, reason: str) -> bool:
+        return self._close(number, {"fail_reason": reason}, state=optuna.trial.TrialState.FAIL)
+
+    def _close(self, number: int, attrs: dict[str, Any], **outcome: Any) -> bool:
+        trial = self._running.pop(number)
+        try:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            self.study.tell(trial, outcome.get("fitness"), state=outcome.get("state"), skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    def save_controller(self, generation: int, state: bytes) -> None:
+        """Checkpoint the optimizer as it is before asking `generation`: one attribute holding the
+        compressed state, then the header that points at it (written last, so a controller killed
+        mid-checkpoint leaves the previous checkpoint whole); the superseded state is blanked."""
+        key = f"{CONTROLLER_ATTR}.g{generation}"
+        self.study.set_user_attr(key, base64.b64encode(zlib.compress(state, 6)).decode())
+        previous = self.study.user_attrs.get(CONTROLLER_ATTR)
+        self.study.set_user_attr(CONTROLLER_ATTR, {"generation": generation, "bytes": len(state), "key": key})
+        if previous and previous["key"] != key:
+            self.study.set_user_attr(previous["key"], "")
+
+    def load_controller(self) -> tuple[int, bytes] | None:
+        """(generation, state) of the last optimizer checkpoint; None before the first."""
+        attrs = self.study.user_attrs
+        head = attrs.get(CONTROLLER_ATTR)
+        if head is not None:
+            return head["generation"], zlib.decompress(base64.b64decode(attrs[head["key"]]))
+        legacy = attrs.get(LEGACY_OPTIMIZER_ATTR)  # chunked across attributes by evomerge 0.1
+        if legacy is None:
+            return None
+        text = "".join(attrs[f"{LEGACY_OPTIMIZER_ATTR}.g{legacy['generation']}.{i}"] for i in range(legacy["chunks"]))
+        return legacy["generation"], zlib.decompress(base64.b64decode(text))
+
+    def record_generation(self, row: Mapping[str, Any]) -> None:
+        """One generation's summary (best, median, sigma, failures), shown with the study's attributes."""
+        self.study.set_user_attr(f"{HISTORY_PREFIX}{row['generation']}", dict(row))
+
+    def history(self) -> list[dict[str, Any]]:
+        rows = [v for k, v in self.study.user_attrs.items() if k.startswith(HISTORY_PREFIX)]
+        return sorted(rows, key=lambda r: r["generation"])
+
+    def record_workers(self, workers: list[Mapping[str, Any]]) -> None:
+        """Each worker's host:pid, device, start-up seconds and resident bytes (the latest start)."""
+        self.study.set_user_attr(WORKERS_ATTR, [dict(w) for w in workers])
+
+    def fail_orphans(self) -> list[int]:
+        """Mark RUNNING trials (left by a stopped or killed controller) FAIL; returns their numbers."""
+        orphans = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for frozen in orphans:
+            self._running[frozen.number] = optuna.Trial(self.study, frozen._trial_id)
+            self.fail_trial(frozen.number, "orphaned: the controller stopped before this trial finished")
+        return [t.number for t in orphans]
+
+    def candidate_outcomes(self) -> dict[tuple[int, int], float | None]:
+        """(generation, candidate) -> fitness (a pruned candidate's first-pass fitness), or None for a
+        candidate that failed all its attempts."""
+        out: dict[tuple[int, int], float | None] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            key = (t.user_attrs.get("generation"), t.user_attrs.get("candidate"))
+            if None in key:
+                continue
+            if t.state == optuna.trial.TrialState.COMPLETE or (t.state == optuna.trial.TrialState.PRUNED and "fitness" in t.user_attrs):
+                out[key] = fitness_of(t)
+            elif t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("attempt", 0) >= MAX_ATTEMPTS - 1 \
+                    and key not in out and not str(t.user_attrs.get("fail_reason", "")).startswith("orphaned"):
+                out[key] = None
+        return out
+
+    def first_passes(self) -> dict[tuple[int, int], float]:
+        """(generation, candidate) -> first-pass fitness, for the candidates that had a first pass."""
+        return {(t.user_attrs["generation"], t.user_attrs["candidate"]): t.user_attrs[FIRST_PASS_ATTR]
+                for t in self.study.get_trials(deepcopy=False) if FIRST_PASS_ATTR in t.user_attrs}
+
+    def update_config(self, cfg: StudyConfig) -> None:
+        self.study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())
+
+    def set_heldout(self, number: int, scores: Mapping[str, float], fitness: float) -> None:
+        self.study.set_user_attr(f"{HELDOUT_PREFIX}{number}", {"scores": dict(scores), "fitness": fitness})
+
+    def heldout(self, number: int) -> dict[str, Any] | None:
+        return self.study.user_attrs.get(f"{HELDOUT_PREFIX}{number}")
+
+    def pareto_front(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.best_trials if len(self.study.directions) > 1 else [self.trial(None)]
+
+    def completed(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+    def completed_trial(self, number: int | None) -> optuna.trial.FrozenTrial:
+        """Trial `number` (None: the best), which must be COMPLETE (a one-line StudyError otherwise)."""
+        trial = self.trial(number)
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            raise StudyError(f"trial {trial.number} is {trial.state.name}, not COMPLETE; choose a completed trial "
+                             f"(`evomerge status --storage URL {self.study.study_name}` lists them)")
+        return trial
+
+    def trial(self, number: int | None) -> optuna.trial.FrozenTrial:
+        """Trial `number`, or the best completed trial when None."""
+        trials = self.completed() if number is None else [t for t in self.study.get_trials(deepcopy=False) if t.number == number]
+        if not trials:
+            what = "no completed trial" if number is None else f"no trial {number}"
+            raise StudyError(f"study {self.study.study_name!r} has {what}")
+        if number is None:
+            return max(trials, key=fitness_of)
+        return trials[0]
+
+    @staticmethod
+    def recipe_of(trial: optuna.trial.FrozenTrial) -> Recipe | PathRecipe:
+        data = trial.user_attrs.get("recipe")
+        if data is None:
+            raise StudyError(f"trial {trial.number} has no recipe (state {trial.state.name})")
+        return recipe_from_dict(json.loads(data) if isinstance(data, str) else data)
