@@ -192,7 +192,10 @@ def recipes(paths: dict[str, str], n_sources: int) -> dict:
 
 def build_bytes(worker) -> int:
     """Bytes one build must move at least: read base and task vectors, write the live weights."""
-    return sum(worker.base_tensors[n].nbytes + worker.deltas[n].nbytes + t.nbytes for n, t in worker.live.items())
+    from evomerge.recipe import Recipe
+
+    live = worker.builder(Recipe)
+    return sum(live.base_tensors[n].nbytes + live.deltas[n].nbytes + t.nbytes for n, t in live.live.items())
 
 
 def time_builds(worker, recipe, warm: int, device: torch.device) -> dict:

@@ -88,3 +88,15 @@ def test_other_tensor_naming_families_search_and_export(family, request, tmp_pat
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == family
+
+
+def test_the_study_keeps_generation_history_and_worker_start_up(zoo_llama, tmp_path: Path) -> None:
+    config = zoo_config(zoo_llama, tmp_path, name="hist", trials=8, popsize=4, limit=10)
+    assert main(["search", str(config)]) == 0
+    store = StudyStore.open(f"sqlite:///{tmp_path / 'study.db'}", "hist")
+    history = store.history()
+    assert [r["generation"] for r in history] == [0, 1]
+    assert all(r["best"] >= r["median"] and r["failures"] == 0 and r["sigma"] > 0 for r in history)
+    workers = store.study.user_attrs["workers"]
+    assert len(workers) == 2 and all(w["startup_s"] > 0 and w["resident_bytes"] > 0 and w["rss_bytes"] > 0 for w in workers)
+    assert store.load_controller()[0] == 2  # checkpointed as generation 2 opened (nothing left to ask)

@@ -82,3 +82,22 @@ def test_duplicate_and_missing_studies(store: StudyStore) -> None:
 def test_unsupported_url() -> None:
     with pytest.raises(StudyError, match="unsupported URL"):
         study_names("redis://localhost")
+
+
+def test_controller_state_is_one_attribute_per_checkpoint(store: StudyStore) -> None:
+    store.save_controller(0, b"first" * 1000)
+    store.save_controller(1, b"second" * 1000)
+    attrs = StudyStore.open(store.config.storage, store.study.study_name).study.user_attrs
+    head = attrs["evomerge.controller"]
+    assert head == {"generation": 1, "bytes": 6000, "key": "evomerge.controller.g1"}
+    assert attrs["evomerge.controller.g0"] == ""  # the superseded state is blanked, not left behind
+    assert not [k for k in attrs if k.startswith("evomerge.optimizer")]  # no chunks
+
+
+def test_generation_history_and_workers_are_kept(store: StudyStore) -> None:
+    store.record_generation({"generation": 1, "best": 0.5, "median": 0.4, "failures": 0, "sigma": 0.2})
+    store.record_generation({"generation": 0, "best": 0.3, "median": 0.2, "failures": 1, "sigma": None})
+    store.record_workers([{"worker": "h:1", "device": "cpu", "startup_s": 2.5, "resident_bytes": 10, "rss_bytes": 20}])
+    again = StudyStore.open(store.config.storage, store.study.study_name)
+    assert [r["generation"] for r in again.history()] == [0, 1] and again.history()[1]["best"] == 0.5
+    assert again.study.user_attrs["workers"][0]["resident_bytes"] == 10

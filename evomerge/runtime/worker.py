@@ -27,13 +27,14 @@ class CandidateWorker:
         self.device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.options = LoadOptions(self.device, setup.dtype, setup.allow_pickle, setup.trust_remote_code, setup.merge_cache)
         self._builders: dict[type, LiveBuilder] = {}
-        self._builder(KINDS[setup.kind])  # the study's kind is loaded at start-up; another on first use
+        self.builder(KINDS[setup.kind])  # the study's kind is loaded at start-up; another on first use
         self.scorer = LmEvalScorer(setup.tasks, [os.fspath(p) for p in setup.include_paths], batch_size=setup.batch_size,
                                    device=str(self.device))
         self.name = f"{os.uname().nodename}:{os.getpid()}"
         self.startup_s = time.perf_counter() - started
 
-    def _builder(self, kind: type) -> LiveBuilder:
+    def builder(self, kind: type) -> LiveBuilder:
+        """The builder for a recipe type (Recipe, PathRecipe), made on first use."""
         if kind not in self._builders:
             self._builders[kind] = builder_type(kind)(self.setup.base, self.setup.sources, self.options)
         return self._builders[kind]
@@ -41,11 +42,11 @@ class CandidateWorker:
     @property
     def model(self) -> torch.nn.Module:
         """The live model merge candidates are written into."""
-        return self._builder(Recipe).model
+        return self.builder(Recipe).model
 
     @property
     def tokenizer(self):  # noqa: ANN201 -- a transformers tokenizer
-        return self._builder(Recipe).tokenizer
+        return self.builder(Recipe).tokenizer
 
     def info(self) -> WorkerInfo:
         resident = sum(b.resident_bytes() for b in self._builders.values())
@@ -56,7 +57,7 @@ class CandidateWorker:
         """Make the recipe's candidate the current model (merged weights written in place, or the path
         model pointed at a path's layers); returns seconds spent."""
         started = time.perf_counter()
-        self._current = self._builder(type(recipe)).build(recipe)
+        self._current = self.builder(type(recipe)).build(recipe)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
