@@ -260,14 +260,27 @@ class BudgetConfig(_Strict):
     trials: int = Field(64, ge=1)
 
 
+
 class WorkersConfig(_Strict):
+    """Ray workers. Memory per parameter of a worker, for E sources in bf16 and a bf16 live model: the live
+    model (2 bytes) plus, by `sources_on`, base and sources resident on the worker's device (device:
+    2(E + 1) bytes, private), in the worker's host memory (host: 2(E + 1) bytes of host RAM per worker,
+    pinned on GPUs; the GPU holds a few tensors in flight), or memory-mapped (mmap: 0 private bytes; the
+    node's page cache holds one copy, 2(E + 1) bytes, that every worker on the node shares)."""
+
     n: int = Field(2, ge=1)
-    gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs")
+    gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs; "
+                                          "k > 1 spreads the live model over k GPUs (transformers device_map)")
     cpus_per_worker: float = Field(1, gt=0)
-    merge_cache: bool = Field(False, description="keep per-worker precomputation over the task vectors (sorted "
-                              "magnitudes for TIES/Breadcrumbs, 8 bytes per parameter per source; uniforms and their "
-                              "order for DARE/DELLA, 4-8 bytes): CPU builds 2x (DARE) to 40x (DELLA) faster, 8x for TIES "
-                              "(scripts/bench_merge.py), bit-identical results")
+    sources_on: Literal["auto", "device", "host", "mmap"] = Field(
+        "auto", description="where base and sources live: device (resident on the GPU, fastest), host (host "
+        "memory, streamed to the GPU per tensor), mmap (memory-mapped files, one copy per node shared by its "
+        "workers); auto: mmap on CPUs, device on a GPU when base, sources and live model fit in 90% of its free "
+        "memory, else mmap")
+    merge_cache: bool = Field(False, description="keep per-worker precomputation over the sources (sorted "
+                              "magnitudes for TIES/Breadcrumbs, the uniforms' order for DARE, row ranks for DELLA: "
+                              "8 bytes per parameter per source once a method has run; off by default): CPU builds "
+                              "several times faster (scripts/bench_merge.py), bit-identical results")
 
 
 class StudyConfig(_Strict):

@@ -32,6 +32,7 @@ _TENSOR_SIDE = {  # name -> module: loaded (with torch) on first access
     "merge_tensor": "evomerge.merge._apply",
     "all_finite": "evomerge.merge._apply",
     "DeltaStats": "evomerge.merge._sparsify",
+    "TaskVectors": "evomerge.merge._deltas",
     "Noise": "evomerge.merge._random",
     "use_kernel_dir": "evomerge.merge._fused",
 }
@@ -47,5 +48,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "METHODS", "TASK_VECTOR_METHODS", "DeltaStats", "MergeParamError", "MethodSpec", "Noise", "ParamSpec",
-    "TaskVectorMethod", "all_finite", "get_method", "merge_tensor", "use_kernel_dir",
+    "TaskVectorMethod", "TaskVectors", "all_finite", "get_method", "merge_tensor", "use_kernel_dir",
 ]

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from evomerge.merge._deltas import TaskVectors
 from evomerge.merge._random import Noise
 from evomerge.merge._sparsify import DeltaStats
 from evomerge.merge.catalog import MergeParamError, MethodSpec, ParamValue
@@ -38,15 +39,16 @@ def copy_checked(out: Tensor, merged: Tensor) -> Tensor:
 def merge_tensor(
     spec: MethodSpec,
     base: Tensor,
-    deltas: Tensor,
+    deltas: Tensor | TaskVectors,
     params: Mapping[str, ParamValue],
     noise: Noise | None = None,
     *,
     stats: DeltaStats | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Merge one tensor. base: (*S) any float dtype; deltas: (E, *S) task vectors (source - base);
-    params: floats, or one value per model for per-model params. Returns (*S) fp32 full weights, or,
+    """Merge one tensor. base: (*S) any float dtype; deltas: the E task vectors (source - base), as
+    `TaskVectors(base, sources)` (sources read in their own dtype, never materialised) or as a
+    materialised (E, *S) tensor; both give bit-identical results. params: floats, or one value per model for per-model params. Returns (*S) fp32 full weights, or,
     given out (*S, any float dtype), writes them into out, rounded once as `.to(out.dtype)` rounds,
     and returns out (the task-vector methods write it directly: no fp32 copy of the tensor is made).
     Raises FloatingPointError when a merged value is NaN or inf (the task-vector methods check as
@@ -57,20 +59,24 @@ def merge_tensor(
     stats: a `DeltaStats` built on these same deltas, kept by a caller that merges them many times
     (it holds their sorted magnitudes, so sparsifying needs no selection); results are bit-identical
     with or without it."""
-    if deltas.dim() != base.dim() + 1 or deltas.shape[1:] != base.shape:
-        raise MergeParamError(
-            f"{spec.name}: deltas shape {tuple(deltas.shape)} does not fit base shape {tuple(base.shape)}; "
-            f"deltas must be (n_models, *base.shape)"
-        )
+    if not isinstance(deltas, TaskVectors):
+        if deltas.dim() != base.dim() + 1 or deltas.shape[1:] != base.shape:
+            raise MergeParamError(
+                f"{spec.name}: deltas shape {tuple(deltas.shape)} does not fit base shape {tuple(base.shape)}; "
+                f"deltas must be (n_models, *base.shape)"
+            )
+        deltas = TaskVectors.from_deltas(base, deltas)
+    elif deltas.item_shape != tuple(base.shape):
+        raise MergeParamError(f"{spec.name}: task vectors of shape {deltas.item_shape} do not fit base shape {tuple(base.shape)}")
     if spec.fn is None:
         from evomerge.merge import _methods  # noqa: F401  (binds every catalogued method's function)
-    resolved = spec.resolve(params, deltas.shape[0])
+    resolved = spec.resolve(params, deltas.n_models)
     kwargs = {
         name: torch.tensor(value, dtype=torch.float32, device=deltas.device) if isinstance(value, list) else value
         for name, value in resolved.items()
     }
     if spec.uses_stats:
-        if stats is not None and stats.deltas is not deltas:
+        if stats is not None and not stats.tv.same(deltas):
             raise ValueError(f"{spec.name}: stats were built for other task vectors; build one DeltaStats per deltas tensor")
         kwargs["stats"] = stats
     if out is not None and out.shape != base.shape:

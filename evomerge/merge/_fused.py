@@ -35,6 +35,7 @@ from torch import Tensor
 from evomerge.merge._numba import torch_threads
 from evomerge.merge._random import M32
 from evomerge.merge._apply import copy_checked
+from evomerge.merge._deltas import TaskVectors
 from evomerge.merge._sparsify import Cut, Keep, MagnitudeKeep, UniformKeep, _below
 
 # columns of the per-segment, per-model fp32 table
@@ -49,10 +50,11 @@ _MODULE = '''\
 import numba
 import numpy as np
 
-from evomerge.merge._numba import hash_at_most, level, load, store
+from evomerge.merge._numba import hash_at_most, level, load, store, sub_at
 '''
 
-# rows: tuple of E (N,) fp32 task vectors; base, out (N,) fp32 or uint16 (bf16 bits); ranks: tuple
+# rows: tuple of E (N,) sources (fp32, or uint16 = bf16 bits), or fp32 task vectors; sub: the base
+# the sources subtract (None: rows are task vectors); base, out (N,) fp32 or uint16; ranks: tuple
 # of E (N,) fp32; fp (E, 5) fp32 per-model parameters (columns F_*); keys (E,) uint32 noise stream
 # keys; tops (E,) uint32 the largest hash a uniform keep keeps; offset: the flat index of entry 0
 # (levels are hashed from it); w (E,) fp32 weights; scalars: lambda_, plain divisor, divisor where no
@@ -62,13 +64,14 @@ from evomerge.merge._numba import hash_at_most, level, load, store
 _KERNEL = '''
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def {name}(rows, base, out, ranks, fp, keys, tops, offset, w, scalars):
+def {name}(rows, sub, base, out, ranks, fp, keys, tops, offset, w, scalars):
     zero, one = np.float32(0.0), np.float32(1.0)
     lam, plain_divisor, zero_divisor = scalars[0], scalars[1], scalars[2]
 {rows}
 {setup}
     nonfinite = 0
     for i in numba.prange(len(base)):
+        b = sub_at(sub, i)
 {body}
     return nonfinite
 '''
@@ -87,17 +90,18 @@ _SETUP = {  # per model e: its parameters in this segment
     "ranked": "    f{e}, low{e}, span{e} = fp[{e}, 0], fp[{e}, 3], fp[{e}, 4]",
 }
 
-_KEEP = {  # per model e: v{e} = kept entry times its factor, with the eager path's zeros
-    "all": "        v{e} = d{e}[i] * f{e}",
+_KEEP = {  # per model e: v{e} = kept entry times its factor, with the eager path's zeros; the task
+    # vector entry is formed in registers: load(d{e}, i) - b, exact (b = 0 when rows are task vectors)
+    "all": "        v{e} = (load(d{e}, i) - b) * f{e}",
     "magnitude": (  # above < |d| <= up_to, NaN kept (as eager: hardshrink(d, above) - hardshrink(d, up_to))
-        "        x{e} = d{e}[i]\n"
+        "        x{e} = load(d{e}, i) - b\n"
         "        a{e} = abs(x{e})\n"
         "        v{e} = (zero if (a{e} <= above{e}) | (a{e} > up_to{e}) else x{e}) * f{e}"
     ),
-    "uniform": "        v{e} = (d{e}[i] * (one if hash_at_most(offset + i, key{e}, top{e}) else zero)) * f{e}",
+    "uniform": "        v{e} = ((load(d{e}, i) - b) * (one if hash_at_most(offset + i, key{e}, top{e}) else zero)) * f{e}",
     "ranked": (
         "        limit{e} = np.ceil(rank{e}[i] * span{e} + low{e})\n"
-        "        v{e} = (d{e}[i] * (one if level(offset + i, key{e}) < limit{e} else zero)) * f{e}"
+        "        v{e} = ((load(d{e}, i) - b) * (one if level(offset + i, key{e}) < limit{e} else zero)) * f{e}"
     ),
 }
 
@@ -122,11 +126,12 @@ _FINISH = (
 _BOUND = '''
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def traffic_bound(rows, out):
-    """One pass that reads every task vector once and writes the output: what a merge cannot beat."""
+def traffic_bound(rows, base, out):
+    """One pass that reads the base and every source once, in their dtypes, and writes the output:
+    2(E + 2) bytes per entry in bf16, what a merge cannot beat."""
 {setup}
     for i in numba.prange(len(out)):
-        store(out, i, {sum_d})
+        store(out, i, load(base, i) + {sum_d})
 '''
 
 FAMILIES = tuple(_KEEP)
@@ -151,7 +156,7 @@ def _kernel_source(n: int, family: str, combine: str) -> str:
 def _module_source(n: int) -> str:
     kernels = [_kernel_source(n, family, combine) for family in FAMILIES for combine in COMBINES]
     bound = _BOUND.format(
-        setup="\n".join(f"    d{e} = rows[{e}]" for e in range(n)), sum_d=" + ".join(f"d{e}[i]" for e in range(n))
+        setup="\n".join(f"    d{e} = rows[{e}]" for e in range(n)), sum_d=" + ".join(f"load(d{e}, i)" for e in range(n))
     )
     return _MODULE.format(n=n) + "".join(kernels) + bound
 
@@ -203,10 +208,10 @@ def _private_kernel_dir() -> Path:
 # --- the entry point ------------------------------------------------------------------------------
 
 
-def usable(deltas: Tensor, keeps: list[Keep | None] | None, *, elect_sign: bool, normalize: bool, lambda_: float) -> bool:
-    """Whether the fused kernel covers this merge: CPU, fp32 task vectors, keeps of one known kind.
+def usable(deltas: TaskVectors, keeps: list[Keep | None] | None, *, elect_sign: bool, normalize: bool, lambda_: float) -> bool:
+    """Whether the fused kernel covers this merge: CPU, fp32 or bf16 inputs, keeps of one known kind.
     (Normalizing without sign election divides before lambda_; no method does that with lambda_ != 1.)"""
-    if deltas.device.type != "cpu" or deltas.dtype != torch.float32 or deltas.numel() == 0:
+    if not deltas.compiled:
         return False
     if normalize and not elect_sign and lambda_ != 1:
         return False
@@ -229,7 +234,7 @@ def _family(keeps: list[Keep | None] | None) -> str | None:
 
 def mix(
     base: Tensor,
-    deltas: Tensor,
+    deltas: TaskVectors | Tensor,
     weight: Tensor,
     factor: Tensor,
     keeps: list[Keep | None] | None,
@@ -245,10 +250,11 @@ def mix(
     bf16 directly, other dtypes through an fp32 copy). Raises FloatingPointError for NaN or inf results.
 
     factor (E,): weight times rescale per model; zero_divisor: the divisor where no model agrees."""
-    n_models = len(deltas)
+    if not isinstance(deltas, TaskVectors):  # materialised (E, *S) fp32 task vectors
+        deltas = TaskVectors.from_deltas(base, deltas)
+    n_models = deltas.n_models
     family = _family(keeps)
-    flat = deltas.reshape(n_models, -1).numpy()
-    rows = tuple(flat[e] for e in range(n_models))
+    rows, sub = deltas.arrays()
     bounds, fp, keys, tops, ranks = _tables(keeps, factor, rows)
     target = out if out is not None and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous() else None
     result = torch.empty(base.shape, dtype=torch.float32) if target is None else target
@@ -260,7 +266,7 @@ def mix(
     with torch_threads():
         for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
             part = slice(lo, hi)
-            nonfinite += kernel(tuple(r[part] for r in rows), base_array[part], out_array[part],
+            nonfinite += kernel(tuple(r[part] for r in rows), None if sub is None else sub[part], base_array[part], out_array[part],
                                 tuple(r[part] for r in ranks), fp[s], keys, tops, lo, w, scalars)
     if nonfinite:
         raise FloatingPointError(f"{nonfinite} merged values are NaN or inf")

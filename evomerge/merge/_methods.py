@@ -1,8 +1,10 @@
 """The merge methods' tensor functions, each bound to its catalog entry (`catalog.attach`), with
 mergekit semantics for shared names.
 
-Every method: base (*S) any float dtype; deltas (E, *S) task vectors (source - base); per-model
-parameters as (E,) fp32 tensors, global ones as floats; returns the merged full weights (*S) in fp32.
+Every method: base (*S) any float dtype; deltas, the E task vectors (source - base) as `TaskVectors`
+(formed from the sources in fp32 where used, never materialised whole, except by the geometric methods
+that need them all: slerp, model_stock, consensus); per-model parameters as (E,) fp32 tensors, global
+ones as floats; returns the merged full weights (*S) in fp32.
 Inputs are never written; randomness comes only from `noise` (counter-based uniforms, see `_random`).
 
 The task-vector family is generated from the catalog's `TASK_VECTOR_METHODS` table: one function per
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from evomerge.merge import _fused
 from evomerge.merge._apply import check_finite, copy_checked
+from evomerge.merge._deltas import TaskVectors
 from evomerge.merge._random import Noise
 from evomerge.merge.catalog import TASK_VECTOR_METHODS, TaskVectorMethod, attach
 from evomerge.merge._sparsify import (
@@ -55,7 +58,7 @@ def _step(n_models: int, device: torch.device) -> int:
 
 def _mix(
     base: Tensor,
-    deltas: Tensor,
+    deltas: TaskVectors,
     weight: Tensor,
     *,
     elect_sign: bool,
@@ -72,7 +75,7 @@ def _mix(
     On the CPU the fused kernel (`_fused`) does it in one pass; `_mix_chunks`, eager torch ops, is the
     accelerator path and the reference the kernel is tested against. Both give equal tensors.
     """
-    n_models = len(deltas)
+    n_models = deltas.n_models
     w = weight.to(device=deltas.device, dtype=torch.float32).view(n_models, 1)
     factor = w if scale is None else w * scale.to(w).view(n_models, 1)  # (E, 1): w_e * rescale_e
     plain_divisor = float(torch.where(w.sum(0).abs() < 1e-8, torch.ones_like(w[0]), w.sum(0)))
@@ -95,14 +98,15 @@ def _mix_chunks(base, deltas, w, factor, keeps, elect_sign, normalize, lambda_, 
     inputs is the output alone. Each chunk is about a dozen float ops, in place where they can be
     (bool tensors cost several times more per entry on the CPU); each equals mergekit's formula, as noted.
     """
-    n_models = len(deltas)
-    flat, base_flat = deltas.reshape(n_models, -1), base.reshape(-1)
+    n_models, n = deltas.n_models, deltas.numel
+    base_flat = base.reshape(-1)
     out = torch.empty(base_flat.shape, dtype=torch.float32, device=deltas.device)
     step = _step(n_models, deltas.device)
-    work = torch.empty((n_models + 2, min(step, flat.shape[1])), dtype=torch.float32, device=deltas.device)
+    work = torch.empty((n_models + 2, min(step, n)), dtype=torch.float32, device=deltas.device)
+    formed = None if deltas.deltas is not None else torch.empty((n_models, min(step, n)), dtype=torch.float32, device=deltas.device)
     one = torch.ones((), device=deltas.device)
-    for start in range(0, flat.shape[1], step):
-        rows = flat[:, start : start + step]
+    for start in range(0, n, step):
+        rows = deltas.rows(start, min(n, start + step), formed)  # (E, c) fp32
         weighted, (mixed, sign) = work[:n_models, : rows.shape[1]], work[n_models:, : rows.shape[1]]
         _weighted_chunk(rows, keeps, start, factor, weighted)  # (E, c)
         if elect_sign:
@@ -175,7 +179,7 @@ SPARSIFY: dict[str, Callable[..., list[Keep | None] | None]] = {
 def _task_vector_method(name: str, row: TaskVectorMethod) -> Callable[..., Tensor]:
     """The tensor function of one `TASK_VECTOR_METHODS` row, named `name`."""
 
-    def method(base: Tensor, deltas: Tensor, *, weight: Tensor, lambda_: float, noise: Noise | None = None,
+    def method(base: Tensor, deltas: TaskVectors, *, weight: Tensor, lambda_: float, noise: Noise | None = None,
                stats: DeltaStats | None = None, out: Tensor | None = None, **sparsifier: Tensor) -> Tensor:
         stats = stats or DeltaStats(deltas)
         keeps = SPARSIFY[row.sparsifier](deltas, stats, noise or Noise(), **sparsifier)
@@ -196,19 +200,19 @@ for _name, _row in TASK_VECTOR_METHODS.items():
 
 
 @attach
-def linear(base: Tensor, deltas: Tensor, *, weight: Tensor, noise: Noise | None = None, out: Tensor | None = None) -> Tensor:
+def linear(base: Tensor, deltas: TaskVectors, *, weight: Tensor, noise: Noise | None = None, out: Tensor | None = None) -> Tensor:
     """Weighted average of the source models (model soups, Wortsman et al. 2022), normalized as in
     mergekit: sum_i w_i x_i / sum_i w_i = base + sum_i w_i d_i / sum_i w_i. The base gets no weight."""
     return _mix(base, deltas, weight, elect_sign=False, normalize=True, lambda_=1.0, out=out)
 
 
 @attach
-def slerp(base: Tensor, deltas: Tensor, *, t: float, noise: Noise | None = None) -> Tensor:
+def slerp(base: Tensor, deltas: TaskVectors, *, t: float, noise: Noise | None = None) -> Tensor:
     """Spherical interpolation from the base (t=0) to the one source (t=1), over the whole tensor
     flattened (mergekit): v0, v1 raw weights, angle from their normalized dot product; lerp when
     |cos| > 0.9995."""
     v0 = base.float().reshape(-1)
-    d = deltas[0].float().reshape(-1)
+    d = deltas.row(0)
     v1 = v0 + d
     n0, n1 = (torch.where(n > SLERP_NORM_EPS, n, torch.ones_like(n)) for n in (v0.norm(), v1.norm()))
     dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1).item()
@@ -230,11 +234,11 @@ def _mean_pairwise_cosine(flat: Tensor) -> Tensor:
 
 
 @attach
-def model_stock(base: Tensor, deltas: Tensor, *, noise: Noise | None = None) -> Tensor:
+def model_stock(base: Tensor, deltas: TaskVectors, *, noise: Noise | None = None) -> Tensor:
     """Model Stock (Jang et al. 2024), per whole tensor as in mergekit (filter_wise false):
     cos = mean pairwise cosine of the deltas, t = N cos / (1 + (N - 1) cos), merged = base + t * mean(d);
     keeps the base where 1 + (N - 1) cos is about 0."""
-    flat = deltas.float().reshape(len(deltas), -1)  # (N, P)
+    flat = deltas.materialize().reshape(len(deltas), -1)  # (N, P)
     n, cos = len(flat), _mean_pairwise_cosine(flat)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < STOCK_SINGULAR
@@ -248,7 +252,7 @@ def model_stock(base: Tensor, deltas: Tensor, *, noise: Noise | None = None) -> 
 @attach
 def consensus(
     base: Tensor,
-    deltas: Tensor,
+    deltas: TaskVectors,
     *,
     weight: Tensor,
     tall_lambda: Tensor,
@@ -269,7 +273,8 @@ def consensus(
     most the number of models, default 2 as in the paper (k = 0 is plain task arithmetic). The
     paper's reference code uses a strict > in m_t; the two differ only on exact ties.
     """
-    tau = deltas.float() * per_model(weight, deltas)  # (E, *S)
+    tau = deltas.materialize()
+    tau = tau * per_model(weight, tau)  # (E, *S)
     tau_mtl = tau.sum(0)
     masks = tau.abs() >= per_model(tall_lambda, tau) * (tau_mtl - tau).abs()
     keep = masks.sum(0) >= k

@@ -55,35 +55,59 @@ def bits_of_float(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
-def load(array, i):
-    """Entry i as fp32: float32 arrays as they are, uint16 arrays as bf16 bit patterns."""
+def load(array, k):
+    """Entry k as fp32: float32 arrays as they are, uint16 arrays as bf16 bit patterns."""
 
 
-def store(array, i, value):
+def sub_at(sub, k):
+    """What entry k's task vector subtracts: load(sub, i), or 0 when sub is None (the array holds
+    task vectors already; x - 0 is x, -0 included)."""
+
+
+def delta_at(array, sub, k):
+    """Entry k's task vector in fp32: load(array, k) - sub_at(sub, k), exact (see `_deltas`)."""
+
+
+def store(array, k, value):
     """Write fp32 value as the array's dtype; uint16 arrays get bf16, rounded to nearest even as torch
     rounds (NaN: 0x7FC0)."""
 
 
-@overload(load, inline="always")
-def _load_typed(array, i):
+# Parameters are named k, not i: inlined into a kernel's prange loop, a parameter named like the loop
+# index would overwrite it.
+@overload(load)
+def _load_typed(array, k):
     if array.dtype == types.uint16:
-        return lambda array, i: float_of_bits(np.uint32(array[i]) << np.uint32(16))
-    return lambda array, i: np.float32(array[i])
+        return lambda array, k: float_of_bits(np.uint32(array[k]) << np.uint32(16))
+    return lambda array, k: np.float32(array[k])
 
 
-@overload(store, inline="always")
-def _store_typed(array, i, value):
+# (not inlined at numba's IR level, which trips over nested inlining inside prange loops; LLVM inlines them)
+@overload(sub_at)
+def _sub_at_typed(sub, k):
+    if isinstance(sub, (types.NoneType, types.Omitted)):
+        return lambda sub, k: np.float32(0.0)
+    return lambda sub, k: load(sub, k)
+
+
+@overload(delta_at)
+def _delta_at_typed(array, sub, k):
+    return lambda array, sub, k: load(array, k) - sub_at(sub, k)
+
+
+@overload(store)
+def _store_typed(array, k, value):
     if array.dtype != types.uint16:
 
-        def store_float(array, i, value):
-            array[i] = value
+        def store_float(array, k, value):
+            array[k] = value
 
         return store_float
 
-    def store_bf16(array, i, value):
+    def store_bf16(array, k, value):
         bits = bits_of_float(value)
         rounded = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-        array[i] = np.uint16(0x7FC0) if value != value else rounded
+        array[k] = np.uint16(0x7FC0) if value != value else rounded
 
     return store_bf16
 
@@ -125,51 +149,77 @@ def hash_at_most(typingctx, index, key, top):
     return types.boolean(index, key, top), codegen
 
 
+# Every helper below reads one model's task vector as (flat, sub): delta_at(flat, sub, i), i.e. a
+# source minus the base in registers, or (sub None) task vectors already made.
+
+
 @numba.njit(nogil=True, cache=True)
-def fixed_sum_below(order, levels, flat, first, stop, limit, scale):
-    """sum of floor(|flat[k]| * scale) (an fp32 product, as `_sparsify._to_fixed`) over k in
+def fixed_sum_below(order, levels, flat, first, stop, limit, scale, sub=None):
+    """sum of floor(|d[k]| * scale) (an fp32 product, as `_sparsify._to_fixed`) over k in
     order[first:stop] with levels[k] < limit."""
     limit32, scale32 = np.float32(limit), np.float32(scale)
     total = 0
     for j in range(first, stop):
         k = order[j]
         if levels[k] < limit32:
-            total += np.int64(abs(flat[k]) * scale32)
+            total += np.int64(abs(delta_at(flat, sub, k)) * scale32)
     return total
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def fixed_sum(flat, scale):
-    """sum of floor(|flat[i]| * scale) (fp32 products, as `_sparsify._to_fixed`), exact in int64."""
+def fixed_sum(flat, scale, sub=None):
+    """sum of floor(|d[i]| * scale) (fp32 products, as `_sparsify._to_fixed`), exact in int64."""
     scale32 = np.float32(scale)
     total = 0
     for i in numba.prange(len(flat)):
-        total += np.int64(abs(flat[i]) * scale32)
+        total += np.int64(abs(delta_at(flat, sub, i)) * scale32)
     return total
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def uniform_fixed_sum(flat, key, top, scale):
+def abs_max(flat, sub=None):
+    """max |d[i]| (NaN if any entry is NaN), as fp32."""
+    top = np.float32(0.0)
+    nans = 0
+    for i in numba.prange(len(flat)):
+        a = abs(delta_at(flat, sub, i))
+        top = max(top, a)
+        nans += a != a
+    return np.float32(np.nan) if nans else top
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def any_nonfinite(flat, sub=None):
+    """How many d[i] are NaN or inf."""
+    count = 0
+    for i in numba.prange(len(flat)):
+        x = delta_at(flat, sub, i)
+        count += x - x != np.float32(0.0)
+    return count
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def uniform_fixed_sum(flat, key, top, scale, sub=None):
     """DARE's kept L1 in fixed point: as `fixed_sum` over the entries whose uniform hash is at most
     `top` (`UniformKeep` without ranks), hashed in registers."""
     scale32 = np.float32(scale)
     total = 0
     for i in numba.prange(len(flat)):
         if hash_at_most(i, key, top):
-            total += np.int64(abs(flat[i]) * scale32)
+            total += np.int64(abs(delta_at(flat, sub, i)) * scale32)
     return total
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def ranked_fixed_sum(flat, ranks, key, low24, span24, scale):
-    """DELLA's kept L1 in fixed point: sum of floor(|flat[i]| * scale) over the entries whose uniform
+def ranked_fixed_sum(flat, ranks, key, low24, span24, scale, sub=None):
+    """DELLA's kept L1 in fixed point: sum of floor(|d[i]| * scale) over the entries whose uniform
     level is below ceil(ranks[i] * span24 + low24) (`UniformKeep` with ranks), hashed in registers.
     Integer sums do not depend on order, so this equals the chunked eager sum."""
     low, span, scale32 = np.float32(low24), np.float32(span24), np.float32(scale)
     total = 0
     for i in numba.prange(len(flat)):
         if level(i, key) < np.ceil(ranks[i] * span + low):
-            total += np.int64(abs(flat[i]) * scale32)
+            total += np.int64(abs(delta_at(flat, sub, i)) * scale32)
     return total
 
 
@@ -177,22 +227,22 @@ def ranked_fixed_sum(flat, ranks, key, low24, span24, scale):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def high_counts(flat, parts):
-    """Counts of (|x|'s bits) >> 16 over flat fp32 x: 2^15 bins (the sign bit is dropped); `parts`
-    threads count a slice each."""
+def high_counts(flat, parts, sub=None):
+    """Counts of (|d|'s bits) >> 16 over the task vector d: 2^15 bins (the sign bit is dropped);
+    `parts` threads count a slice each."""
     n = len(flat)
     step = (n + parts - 1) // parts
     counts = np.zeros((parts, 1 << 15), np.int64)
     for p in numba.prange(parts):
         row = counts[p]
         for i in range(p * step, min(n, (p + 1) * step)):
-            row[(bits_of_float(flat[i]) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+            row[(bits_of_float(delta_at(flat, sub, i)) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
     return counts.sum(axis=0)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def low_counts(flat, top, parts):
-    """Counts of the low 16 bits of |x|'s bits over the entries whose high 16 bits are `top`: 2^16 bins."""
+def low_counts(flat, top, parts, sub=None):
+    """Counts of the low 16 bits of |d|'s bits over the entries whose high 16 bits are `top`: 2^16 bins."""
     n = len(flat)
     step = (n + parts - 1) // parts
     counts = np.zeros((parts, 1 << 16), np.int64)
@@ -200,20 +250,20 @@ def low_counts(flat, top, parts):
     for p in numba.prange(parts):
         row = counts[p]
         for i in range(p * step, min(n, (p + 1) * step)):
-            bits = bits_of_float(flat[i]) & np.uint32(0x7FFFFFFF)
+            bits = bits_of_float(delta_at(flat, sub, i)) & np.uint32(0x7FFFFFFF)
             if bits >> np.uint32(16) == high:
                 row[bits & np.uint32(0xFFFF)] += 1
     return counts.sum(axis=0)
 
 
 @numba.njit(nogil=True, cache=True)
-def nth_equal(flat, value, ordinals):
-    """Flat indices of the ordinals[k]-th entries (0-based, index order) with |x| == value; ordinals
+def nth_equal(flat, value, ordinals, sub=None):
+    """Flat indices of the ordinals[k]-th entries (0-based, index order) with |d| == value; ordinals
     ascending. Stops after the last one."""
     found = np.full(len(ordinals), -1, np.int64)
     seen, k = 0, 0
     for i in range(len(flat)):
-        if abs(flat[i]) == value:
+        if abs(delta_at(flat, sub, i)) == value:
             while k < len(ordinals) and ordinals[k] == seen:
                 found[k] = i
                 k += 1

@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evomerge.merge._deltas import TaskVectors, array_of
 from evomerge.merge._numba import (
+    abs_max,
     fixed_sum,
     fixed_sum_below,
     high_counts,
@@ -80,6 +82,8 @@ class Edge:
 class DeltaStats:
     """Facts about one tensor's task vectors (E, *S) that no merge parameter changes, computed on first use.
 
+    `deltas`: a `TaskVectors` (sources read in their dtype), or materialised fp32 task vectors (E, *S).
+
     With keep_sorted=False (the default, one merge) magnitude edges come from a radix select per call.
     With keep_sorted=True each model's |delta| is sorted once, stably, and the sorted values and their
     flat indices are kept (8 bytes per entry per model, twice the task vectors): an edge is then a
@@ -88,22 +92,35 @@ class DeltaStats:
     order of entries by level (4 bytes) and DELLA's row ranks (4 bytes).
     """
 
-    def __init__(self, deltas: Tensor, *, keep_sorted: bool = False) -> None:
-        self.deltas = deltas
+    def __init__(self, deltas: TaskVectors | Tensor, *, keep_sorted: bool = False) -> None:
+        self.tv = deltas if isinstance(deltas, TaskVectors) else TaskVectors.from_deltas(None, deltas)
         self.keep_sorted = keep_sorted
-        self._sorted: list[tuple[Tensor, Tensor] | None] = [None] * len(deltas)
-        self._fixed_l1: list[tuple[int, int] | None] = [None] * len(deltas)
-        self._row_ranks: list[Tensor | None] = [None] * len(deltas)
+        n = self.tv.n_models
+        self._sorted: list[tuple[Tensor, Tensor] | None] = [None] * n
+        self._fixed_l1: list[tuple[int, int] | None] = [None] * n
+        self._row_ranks: list[Tensor | None] = [None] * n
         self._noise: Noise | None = None  # the stream the levels below belong to
-        self._levels: list[Tensor | None] = [None] * len(deltas)
-        self._buckets: list[_UniformBuckets | None] = [None] * len(deltas)
+        self._levels: list[Tensor | None] = [None] * n
+        self._buckets: list[_UniformBuckets | None] = [None] * n
+
+    @property
+    def n_models(self) -> int:
+        return self.tv.n_models
+
+    def nbytes(self) -> int:
+        """Bytes this object keeps (sorted magnitudes, levels, orders, ranks), not counting the inputs."""
+        kept = [t for pair in self._sorted if pair for t in pair]
+        kept += [t for t in (*self._levels, *self._row_ranks) if t is not None]
+        kept += [b.order for b in self._buckets if b is not None]
+        return sum(t.nbytes for t in kept)
 
     def flat(self, e: int) -> Tensor:
-        return self.deltas[e].reshape(-1)
+        """Model e's task vector, flat fp32 (formed for this one model when read from sources)."""
+        return self.tv.row(e)
 
     def _compiled(self) -> bool:
-        """CPU fp32 task vectors: selections run as compiled passes over the deltas themselves."""
-        return self.deltas.device.type == "cpu" and self.deltas.dtype == torch.float32
+        """CPU, fp32 or bf16 inputs: selections run as compiled passes over the inputs themselves."""
+        return self.tv.compiled
 
     def magnitudes(self, e: int) -> Tensor | None:
         """Model e's |delta|, flat, for the calls below; None when the sorted copy or the compiled
@@ -118,7 +135,8 @@ class DeltaStats:
             below = int(torch.searchsorted(values, value, right=False))
             return Edge(float(value), below, int(torch.searchsorted(values, value, right=True)) - below)
         if self._compiled():
-            return _select_edge_compiled(self.flat(e).numpy(), rank)
+            flat, sub = self.tv.pair(e)
+            return _select_edge_compiled(flat, rank, sub)
         return select_edge(self.flat(e).float().abs() if magnitudes is None else magnitudes, rank)
 
     def positions(self, e: int, edge: Edge, ordinals: Sequence[int], magnitudes: Tensor | None = None) -> list[int]:
@@ -128,7 +146,8 @@ class DeltaStats:
             order = self._sorted_of(e)[1]
             return [int(order[edge.below + i]) for i in ordinals]
         if self._compiled():
-            return nth_equal(self.flat(e).numpy(), np.float32(edge.value), np.array(ordinals, dtype=np.int64)).tolist()
+            flat, sub = self.tv.pair(e)
+            return nth_equal(flat, np.float32(edge.value), np.array(ordinals, dtype=np.int64), sub).tolist()
         magnitudes = self.flat(e).float().abs() if magnitudes is None else magnitudes
         where = (magnitudes == edge.value).nonzero().squeeze(1)
         return [int(where[i]) for i in ordinals]
@@ -143,13 +162,15 @@ class DeltaStats:
         """Model e's L1 norm as (total, shift): sum_i floor(|d_i| * 2^shift), exact in int64, with the
         shift that keeps the sum below 2^62; the norm is total * 2^-shift."""
         if self._fixed_l1[e] is None:
-            flat = self.flat(e)
-            amax = float(torch.stack(torch.aminmax(flat)).abs().max()) if flat.numel() else 0.0  # one pass, no |d| copy
-            shift = _fixed_shift(amax, flat.numel())
             if self._compiled():
+                values, sub = self.tv.pair(e)
                 with torch_threads():
-                    total = int(fixed_sum(flat.numpy(), 2.0**shift))
+                    shift = _fixed_shift(float(abs_max(values, sub)), self.tv.numel)
+                    total = int(fixed_sum(values, 2.0**shift, sub))
             else:
+                flat = self.flat(e)
+                amax = float(torch.stack(torch.aminmax(flat)).abs().max()) if flat.numel() else 0.0  # one pass, no |d| copy
+                shift = _fixed_shift(amax, flat.numel())
                 total = _fixed_sum(flat, shift)
             self._fixed_l1[e] = (total, shift)
         return self._fixed_l1[e]
@@ -158,25 +179,28 @@ class DeltaStats:
         """sum of floor(|d_i| * 2^shift) over the entries `keep` keeps (shift as in fixed_l1)."""
         shift = self.fixed_l1(e)[1]
         if self.keep_sorted and isinstance(keep, UniformKeep) and keep.ranks is None:
-            return self._uniform_buckets(e, keep.levels).kept(self.flat(e), keep.limit, shift)
-        flat = self.flat(e)
+            buckets = self._uniform_buckets(e, keep.levels)
+            if self._compiled():
+                values, sub = self.tv.pair(e)
+                return buckets.kept(values, keep.limit, shift, sub)
+            return buckets.kept(self.flat(e), keep.limit, shift)
         if isinstance(keep, UniformKeep) and keep.key is not None and self._compiled():  # hashed in registers
-            values, key = flat.numpy(), np.uint32(keep.key)
+            (values, sub), key = self.tv.pair(e), np.uint32(keep.key)
             with torch_threads():
                 if keep.ranks is None:
-                    return int(uniform_fixed_sum(values, key, np.uint32(keep.top), 2.0**shift))
-                return int(ranked_fixed_sum(values, keep.ranks.numpy(), key, keep.low24, keep.span24, 2.0**shift))
-        return _fixed_sum(flat, shift, keep)
+                    return int(uniform_fixed_sum(values, key, np.uint32(keep.top), 2.0**shift, sub))
+                return int(ranked_fixed_sum(values, keep.ranks.numpy(), key, keep.low24, keep.span24, 2.0**shift, sub))
+        return _fixed_sum(self.flat(e), shift, keep)
 
     def levels(self, e: int, noise: Noise) -> Tensor:
         """Model e's (N,) uniform levels of stream `noise` (`Noise.levels`); kept (4 bytes per entry)
         with keep_sorted."""
         if not self.keep_sorted:
-            return noise.levels(e, self.deltas[e].numel(), self.deltas.device)
+            return noise.levels(e, self.tv.numel, self.tv.device)
         if noise != self._noise:  # another recipe seed: forget the old stream
-            self._noise, self._levels, self._buckets = noise, [None] * len(self.deltas), [None] * len(self.deltas)
+            self._noise, self._levels, self._buckets = noise, [None] * self.n_models, [None] * self.n_models
         if self._levels[e] is None:
-            self._levels[e] = noise.levels(e, self.deltas[e].numel(), self.deltas.device)
+            self._levels[e] = noise.levels(e, self.tv.numel, self.tv.device)
         return self._levels[e]
 
     def _uniform_buckets(self, e: int, levels: Tensor) -> _UniformBuckets:
@@ -188,8 +212,8 @@ class DeltaStats:
         """Model e's DELLA rank in [0, 1] of each entry's magnitude within its row, (N,) in flat order."""
         ranks = self._row_ranks[e]
         if ranks is None:
-            one = self.deltas[e : e + 1]
-            ranks = _undo_ranking_view(_normalized_row_ranks(_ranking_view(one.float())), one).reshape(-1)
+            one = self.flat(e).view(1, *self.tv.item_shape)
+            ranks = _undo_ranking_view(_normalized_row_ranks(_ranking_view(one)), one).reshape(-1)
             if self.keep_sorted:
                 self._row_ranks[e] = ranks
         return ranks
@@ -246,15 +270,17 @@ class _UniformBuckets:
         self.starts = torch.cat([zero, torch.bincount(bucket, minlength=1 << self.bits).cumsum(0)]).cpu().numpy()
         self.below = torch.cat([zero, sums.cumsum(0)]).cpu().numpy()  # below[b]: fixed sum over buckets < b
 
-    def kept(self, flat: Tensor, limit: int, shift: int) -> int:
-        """Fixed sum over the entries with level < limit."""
+    def kept(self, flat: Tensor | np.ndarray, limit: int, shift: int, sub: np.ndarray | None = None) -> int:
+        """Fixed sum over the entries with level < limit of one model's task vector: `flat` (fp32),
+        or, on the CPU, `flat` minus `sub` (arrays as `TaskVectors.pair` gives them)."""
         b = limit >> (UNIFORM_BITS - self.bits)
         if b >= len(self.starts) - 1:
             return int(self.below[-1])
         first, stop, below = int(self.starts[b]), int(self.starts[b + 1]), int(self.below[b])
-        if flat.device.type == "cpu":  # one compiled loop over the bucket's members: no tensor temporaries
-            order, levels, values = self.order.numpy(), self.levels.numpy(), flat.numpy()
-            return below + fixed_sum_below(order, levels, values, first, stop, float(limit), 2.0**shift)
+        if isinstance(flat, np.ndarray) or flat.device.type == "cpu":  # one compiled loop over the bucket's members
+            values = array_of(flat) if isinstance(flat, Tensor) else flat
+            order, levels = self.order.numpy(), self.levels.numpy()
+            return below + fixed_sum_below(order, levels, values, first, stop, float(limit), 2.0**shift, sub)
         members = self.order[first:stop].long()
         inside = members[self.levels[members] < limit]
         return below + int(_to_fixed(flat[inside], shift).sum())
@@ -407,14 +433,15 @@ def select_edge(magnitudes: Tensor, rank: int) -> Edge:
     return Edge(float(value), below, int(low_counts[bottom]))
 
 
-def _select_edge_compiled(flat: np.ndarray, rank: int) -> Edge:
-    """`select_edge` on flat fp32 deltas (not magnitudes) by two compiled histogram passes."""
+def _select_edge_compiled(flat: np.ndarray, rank: int, sub: np.ndarray | None = None) -> Edge:
+    """`select_edge` on one model's task vector (flat, minus sub when given; not magnitudes) by two
+    compiled histogram passes."""
     with torch_threads():
         parts = max(1, min(numba.get_num_threads(), len(flat) // 65536))  # a histogram per thread
-        cum = np.cumsum(high_counts(flat, parts))
+        cum = np.cumsum(high_counts(flat, parts, sub))
         top = int(np.searchsorted(cum, rank, side="right"))
         before = int(cum[top - 1]) if top else 0
-        low = low_counts(flat, top, parts)
+        low = low_counts(flat, top, parts, sub)
     low_cum = np.cumsum(low)
     bottom = int(np.searchsorted(low_cum, rank - before, side="right"))
     value = np.array([(top << 16) | bottom], dtype=np.int32).view(np.float32)[0]
@@ -429,7 +456,7 @@ def rank_window(stats: DeltaStats, e: int, low: int, high: int) -> MagnitudeKeep
     order; when the window takes only some of them, the thresholds leave that value out and a Cut
     takes back the index range of the ones inside. An edge of 0 is never cut: a kept zero adds nothing.
     """
-    n = stats.deltas[e].numel()
+    n = stats.tv.numel
     magnitudes = stats.magnitudes(e)  # one |d| for both edges and their cuts
     lo = stats.edge(e, low, magnitudes)
     hi = lo if high - 1 == low or high == n else stats.edge(e, high - 1, magnitudes)
@@ -457,17 +484,16 @@ def _cuts(stats: DeltaStats, e: int, edge: Edge, first: int, last: int, side: st
     wanted = [i for i, needed in ((first, first > 0), (last - 1, last < edge.equal)) if needed]
     found = dict(zip(wanted, stats.positions(e, edge, wanted, magnitudes))) if wanted else {}
     start = found.get(first, 0) if first > 0 else 0
-    stop = found[last - 1] + 1 if last < edge.equal else stats.deltas[e].numel()
+    stop = found[last - 1] + 1 if last < edge.equal else stats.tv.numel
     return [Cut(edge.value, start, stop, side)]
 
 
-def top_magnitude_keep(deltas: Tensor, density: Tensor, stats: DeltaStats) -> list[Keep | None] | None:
+def top_magnitude_keep(deltas: TaskVectors | Tensor, density: Tensor, stats: DeltaStats) -> list[Keep | None] | None:
     """TIES trim (mergekit ``magnitude``): per model keep the max(1, int(density * n)) largest |delta|."""
     densities = density.tolist()
     if all(d >= 1 for d in densities):
         return None
-    flat = deltas.reshape(len(deltas), -1)  # (E, N)
-    n = flat.shape[1]
+    n = stats.tv.numel
     keeps: list[Keep | None] = []
     for e, d in enumerate(densities):
         k = n if d >= 1 else 0 if d <= 0 else max(1, count_of(d, n))
@@ -478,15 +504,14 @@ def top_magnitude_keep(deltas: Tensor, density: Tensor, stats: DeltaStats) -> li
     return keeps
 
 
-def middle_magnitude_keep(deltas: Tensor, density: Tensor, gamma: Tensor, stats: DeltaStats) -> list[Keep | None] | None:
+def middle_magnitude_keep(deltas: TaskVectors | Tensor, density: Tensor, gamma: Tensor, stats: DeltaStats) -> list[Keep | None] | None:
     """Model Breadcrumbs (mergekit ``magnitude_outliers``): per model drop the int(gamma * n) largest
     |delta|, then enough of the smallest to keep int(density * n); fewer large ones are dropped when
     density + gamma > 1. density >= 1 keeps everything, whatever gamma is."""
     pairs = list(zip(density.tolist(), gamma.tolist()))
     if all(d >= 1 for d, _ in pairs):
         return None
-    flat = deltas.reshape(len(deltas), -1)  # (E, N)
-    n = flat.shape[1]
+    n = stats.tv.numel
     keeps: list[Keep | None] = []
     for e, (d, g) in enumerate(pairs):
         n_keep, n_top = count_of(d, n), count_of(g, n)
@@ -553,7 +578,7 @@ def rescale_l1(keeps: Sequence[Keep | None], stats: DeltaStats) -> Tensor:
         after = before if keep is None else stats.kept_fixed_l1(e, keep)
         usable = min(before, after) * 2.0**-shift >= NORM_EPS
         factors.append(before / after if usable else 1.0)  # a ratio of ints: correctly rounded
-    return torch.tensor(factors, dtype=torch.float32, device=stats.deltas.device)
+    return torch.tensor(factors, dtype=torch.float32, device=stats.tv.device)
 
 
 def _ranking_view(deltas: Tensor) -> Tensor:

@@ -1,19 +1,19 @@
 """Turn a Recipe into merged tensors, one tensor at a time.
 
-Both paths that build a merge go through `merge_named`: the worker's in-memory build (task vectors
-resident, weights written into a live model) and the streaming export (tensors read from memory-mapped
-checkpoints). Sharing it is what makes an exported checkpoint score exactly what its trial scored.
+Both paths that build a merge go through `merge_named`: the worker's in-memory build (sources resident
+or memory-mapped, weights written into a live model) and the streaming export (tensors read one at a
+time). Sharing it is what makes an exported checkpoint score exactly what its trial scored. Sources
+stay in their checkpoint dtype: the task vectors are formed where a kernel uses them (`merge.TaskVectors`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 
 import torch
 
 from evomerge.dirs import cache_root
-from evomerge.merge import DeltaStats, MethodSpec, Noise, get_method, merge_tensor, use_kernel_dir
+from evomerge.merge import DeltaStats, MethodSpec, Noise, TaskVectors, get_method, merge_tensor, use_kernel_dir
 from evomerge.models.checkpoints import Checkpoint, TensorInfo, check_mergeable, dtype_of, torch_dtype
 from evomerge.models.layout import LayerGroups, group_of_each, num_layers, tensor_kind
 from evomerge.recipe import Recipe
@@ -21,14 +21,15 @@ from evomerge.recipe import Recipe
 # Compiled merge kernels live in the machine's cache, shared by every process that merges here.
 use_kernel_dir(cache_root() / "kernels")
 
-DELTA_DTYPE = torch.float32  # task vectors are kept in fp32 so every build path rounds the same way
+DELTA_DTYPE = torch.float32  # materialised task vectors (the reference path) are fp32
 
 
 def task_vectors(base: torch.Tensor, sources: Sequence[torch.Tensor | Callable[[], torch.Tensor]]) -> torch.Tensor:
-    """(E, *S) differences source - base, in DELTA_DTYPE.
+    """(E, *S) materialised differences source - base, in DELTA_DTYPE: the reference path that the
+    native-dtype merges (`TaskVectors(base, sources)`) are tested to equal bit for bit.
 
-    A source may be a tensor or a function that reads it, so a streaming caller holds one source
-    tensor at a time; each difference is written straight into the preallocated (E, *S) result.
+    A source may be a tensor or a function that reads it; each difference is written straight into
+    the preallocated (E, *S) result.
     """
     base32 = base.to(torch.float32)
     out = torch.empty((len(sources), *base.shape), dtype=DELTA_DTYPE, device=base.device)
@@ -44,7 +45,8 @@ def tensor_noise(seed: int, name: str) -> Noise:
 
 
 class MergeCache:
-    """Per-worker precomputation over resident task vectors, reused by every candidate.
+    """Per-worker precomputation over a worker's resident sources, reused by every candidate (opt-in:
+    `workers.merge_cache`).
 
     It keeps one `DeltaStats` per tensor name, filled on first use by the methods that need it, per
     entry per source: TIES/Breadcrumbs keep the sorted |delta| and its order (8 bytes), so a density
@@ -52,17 +54,22 @@ class MergeCache:
     uniform (4 bytes; it depends on the recipe seed, tensor name and index only), DARE also the entries'
     order by uniform (4 bytes; its L1 rescale is then a lookup, not a pass), and DELLA its row ranks
     (4 bytes). The CPU's fused kernels hash the uniforms again in registers rather than read them (it
-    is cheaper); the eager path (accelerators) reads them. The task vectors themselves take 4 bytes.
-    Merges with and without a cache are bit-identical.
+    is cheaper); the eager path (accelerators) reads them. So per parameter and per source: 8 bytes
+    for TIES/Breadcrumbs, 8 for DARE, 8 for DELLA, once a method has run. Merges with and without a
+    cache are bit-identical.
     """
 
     def __init__(self) -> None:
         self._stats: dict[str, DeltaStats] = {}
 
-    def stats(self, name: str, deltas: torch.Tensor) -> DeltaStats:
-        """The stats of `name`, rebuilt when they were made for another deltas tensor."""
+    def nbytes(self) -> int:
+        return sum(stats.nbytes() for stats in self._stats.values())
+
+    def stats(self, name: str, deltas: TaskVectors | torch.Tensor) -> DeltaStats:
+        """The stats of `name`, rebuilt when they were made for other tensors."""
+        deltas = deltas if isinstance(deltas, TaskVectors) else TaskVectors.from_deltas(None, deltas)
         stats = self._stats.get(name)
-        if stats is None or stats.deltas is not deltas:
+        if stats is None or not stats.tv.same(deltas):
             stats = self._stats[name] = DeltaStats(deltas, keep_sorted=True)
         return stats
 
@@ -73,7 +80,7 @@ def merge_named(
     name: str,
     group: int,
     base: torch.Tensor,
-    deltas: torch.Tensor,
+    deltas: TaskVectors | torch.Tensor,
     *,
     cache: MergeCache | None = None,
     out: torch.Tensor | None = None,
@@ -110,8 +117,8 @@ def group_map(recipe: Recipe, base: Checkpoint) -> dict[str, int]:
 def stream_merge(recipe: Recipe, *, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor) for every tensor of the base, in the base's order.
 
-    Memory holds one tensor's worth at a time: the base tensor, the (E, *S) task vectors (each source
-    read from disk in turn, straight into its row) and the method's working tensors.
+    Memory holds one tensor's worth at a time: the base tensor and the E source tensors in their
+    dtype (2(E + 1) bytes per entry in bf16), and the method's working tensors.
     """
     spec = check_recipe(recipe)
     base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
@@ -120,7 +127,7 @@ def stream_merge(recipe: Recipe, *, allow_pickle: bool = False) -> Iterator[tupl
     groups = group_map(recipe, base)
     for name in base.names:
         base_t = base.tensor(name)
-        deltas = task_vectors(base_t, [partial(s.tensor, name) for s in sources])
+        deltas = TaskVectors(base_t, [s.tensor(name) for s in sources])
         merged = merge_named(recipe, spec, name, groups[name], base_t, deltas)
         del base_t, deltas  # free before the consumer writes, so two tensors' work never overlaps
         yield name, merged

@@ -14,12 +14,15 @@ offset, so memory holds one tensor, never a shard.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from evomerge.dtypes import is_float_name
@@ -50,6 +53,24 @@ class Checkpoint(CheckpointHeader):
 
     _handles: dict[Path, int] = field(default_factory=dict, init=False, repr=False)  # open file descriptors
     _state: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)  # a pickled checkpoint, loaded
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, init=False, repr=False)  # read-only file maps
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """Tensor `name` as a read-only view of the memory-mapped file: no copy, its pages live in the
+        OS page cache, shared by every process on the node that maps the same file. Never write to it."""
+        if self.pickled:
+            raise ModelError(f"{self.path}: pickled (.bin) weights cannot be memory-mapped; convert them to "
+                             "safetensors, or set workers.sources_on: host")
+        file = self._files[name]
+        if file not in self._maps:
+            with open(file, "rb") as handle:
+                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        start, end = self._spans[name]
+        data = np.frombuffer(self._maps[file], dtype=np.uint8, count=end - start, offset=start)
+        with warnings.catch_warnings():  # read-only memory: torch warns that writes would fail, and none happen
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(data)
+        return raw.view(dtype_of(self.dtypes[name])).reshape(self.shapes[name])
 
     @classmethod
     def open(cls, ref: str, *, allow_pickle: bool = False) -> Checkpoint:

@@ -8,14 +8,15 @@ the model and tokenizer to score; nothing is written to disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from evomerge.errors import ModelError
-from evomerge.models.build import MergeCache, check_recipe, group_map, merge_named, task_vectors
+from evomerge.merge import TaskVectors
+from evomerge.models.build import MergeCache, check_recipe, group_map, merge_named
 from evomerge.models.checkpoints import Checkpoint, check_mergeable, torch_dtype
 from evomerge.models.path_model import PathModels
 from evomerge.recipe import PathRecipe, Recipe
@@ -30,6 +31,8 @@ class LoadOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     merge_cache: bool = False
+    sources_on: str = "auto"  # device | host | mmap | auto (see config.WorkersConfig)
+    spread: bool = False  # the live model spread over every visible GPU (transformers device_map)
 
 
 class LiveBuilder(Protocol):
@@ -38,15 +41,96 @@ class LiveBuilder(Protocol):
         ...
 
     def resident_bytes(self) -> int:
-        """Bytes this builder keeps resident (models, task vectors, caches)."""
+        """Bytes of tensors this builder holds privately (models, copies of sources, caches)."""
+        ...
+
+    def mapped_bytes(self) -> int:
+        """Bytes it reads through memory-mapped files (shared by every worker on the node)."""
         ...
 
 
-class LiveMerge:
-    """Merge recipes: base and task vectors resident, merged weights written in place into a live model.
+class SourceTensors:
+    """A worker's base and source tensors, by name, kept in their checkpoint dtype where `mode` says.
 
-    Resident per parameter, for E sources: the live model (its dtype, 2 bytes in bf16), a copy of the
-    base (its checkpoint dtype) and E fp32 task vectors (4E bytes); with `merge_cache`, the MergeCache too.
+    device: resident on the device that holds each live tensor (2(E + 1) bytes per parameter in bf16, private).
+    host:   resident in this process's host memory (the same bytes, in RAM; pinned when the device is a GPU,
+            so copies run asynchronously) and copied to the device tensor by tensor for each candidate.
+    mmap:   read-only views of the memory-mapped safetensors files: no private bytes; the page cache holds
+            one copy per node, shared by every worker that maps the same files. On a GPU, copied tensor by
+            tensor like host.
+    On a CPU device, host and device are the same thing: private copies in RAM.
+    """
+
+    def __init__(self, base: Checkpoint, sources: Sequence[Checkpoint], mode: str, devices: dict[str, torch.device]) -> None:
+        self.mode, self.names = mode, list(base.names)
+        self.devices = devices  # tensor name -> the device of its live tensor
+        self.streamed = mode != "device" and any(d.type == "cuda" for d in devices.values())
+
+        def keep(ckpt: Checkpoint, name: str) -> torch.Tensor:
+            if mode == "mmap":
+                return ckpt.mapped(name)
+            tensor = ckpt.tensor(name)
+            if mode == "device":
+                return tensor.to(devices[name])
+            return tensor.pin_memory() if self.streamed else tensor
+
+        self.base = {n: keep(base, n) for n in self.names}
+        self.sources = {n: [keep(s, n) for s in sources] for n in self.names}
+
+    def resident_bytes(self) -> int:
+        if self.mode == "mmap":
+            return 0
+        return sum(t.nbytes for n in self.names for t in (self.base[n], *self.sources[n]))
+
+    def mapped_bytes(self) -> int:
+        return sum(t.nbytes for n in self.names for t in (self.base[n], *self.sources[n])) if self.mode == "mmap" else 0
+
+    def each(self) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        """(name, base, sources) for every tensor, on the device of its live tensor. Streamed modes copy
+        the next tensor's inputs on a side stream while this one merges (double buffering)."""
+        if not self.streamed:
+            for name in self.names:
+                yield name, self.base[name], self.sources[name]
+            return
+        copies = torch.cuda.Stream()
+        pending = self._upload(self.names[0], copies) if self.names else None
+        for i, name in enumerate(self.names):
+            tensors, done = pending
+            if i + 1 < len(self.names):
+                pending = self._upload(self.names[i + 1], copies)
+            compute = torch.cuda.current_stream(self.devices[name])
+            compute.wait_event(done)
+            for t in tensors:
+                t.record_stream(compute)  # the allocator keeps its memory until this stream is done with it
+            yield name, tensors[0], tensors[1:]
+
+    def _upload(self, name: str, stream: torch.cuda.Stream) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        device = self.devices[name]
+        with torch.cuda.stream(stream):
+            tensors = [t.to(device, non_blocking=True) for t in (self.base[name], *self.sources[name])]
+            done = torch.cuda.Event()
+            done.record(stream)
+        return tensors, done
+
+
+def choose_sources_on(options: LoadOptions, source_bytes: int, live_bytes: int) -> str:
+    """The `sources_on` mode for "auto": mmap on CPUs; device on a GPU when base, sources and the live
+    model fit in 90% of its free memory; else mmap (one copy per node, streamed tensor by tensor)."""
+    if options.sources_on != "auto":
+        return options.sources_on
+    if options.device.type != "cuda":
+        return "mmap"
+    free, _ = torch.cuda.mem_get_info(options.device)
+    return "device" if source_bytes + live_bytes <= 0.9 * free else "mmap"
+
+
+class LiveMerge:
+    """Merge recipes: merged weights written in place into one live model, from base and sources kept in
+    their own dtype (`SourceTensors`); task vectors are never materialised.
+
+    Resident per parameter, for E bf16 sources and a bf16 live model: 2 bytes (the live model) plus
+    2(E + 1) on the device (sources_on: device), or in host memory (host), or nothing private (mmap);
+    with `merge_cache`, the MergeCache's 8 bytes per parameter per source on top.
     """
 
     def __init__(self, base: str, sources: Sequence[str], options: LoadOptions) -> None:
@@ -56,11 +140,15 @@ class LiveMerge:
         opened = [Checkpoint.open(s, allow_pickle=options.allow_pickle) for s in sources]
         check_mergeable(self.base, zip(sources, opened))
         self.live = _live_tensors(self.model, self.base.names)
-        self.base_tensors = {n: self.base.tensor(n).to(self.device) for n in self.base.names}
-        self.deltas = {n: task_vectors(self.base.tensor(n), [s.tensor(n) for s in opened]).to(self.device) for n in self.base.names}
+        source_bytes = sum(len(opened) * t.nbytes + t.nbytes for t in self.live.values())  # base and sources, about
+        self.sources_on = choose_sources_on(options, source_bytes, sum(t.nbytes for t in self.live.values()))
+        if self.sources_on == "mmap" and (self.base.pickled or any(s.pickled for s in opened)):
+            self.sources_on = "host"  # pickled weights cannot be mapped
+        devices = {n: t.device for n, t in self.live.items()}
+        self.inputs = SourceTensors(self.base, opened, self.sources_on, devices)
         # Sorted |delta| per tensor and source: TIES/Breadcrumbs thresholds become lookups (8 bytes per
         # entry per source, built on the first candidate that needs it); off by default for large models.
-        self.merge_cache = MergeCache() if options.merge_cache else None
+        self.merge_cache = MergeCache() if options.merge_cache and not self.inputs.streamed else None
         self._group_maps: dict[tuple[int, tuple[str, ...]], dict[str, int]] = {}
 
     @torch.no_grad()
@@ -68,15 +156,18 @@ class LiveMerge:
         spec = check_recipe(recipe)
         key = (recipe.n_groups, recipe.kinds)  # a group map depends on nothing else in the recipe
         groups = self._group_maps.get(key) or self._group_maps.setdefault(key, group_map(recipe, self.base))
-        for name, target in self.live.items():
+        for name, base, sources in self.inputs.each():
             # raises FloatingPointError on NaN or inf; the next build overwrites every tensor, this one included
-            merge_named(recipe, spec, name, groups[name], self.base_tensors[name], self.deltas[name],
-                        cache=self.merge_cache, out=target)
+            merge_named(recipe, spec, name, groups[name], base, TaskVectors(base, sources),
+                        cache=self.merge_cache, out=self.live[name])
         return self.model, self.tokenizer
 
     def resident_bytes(self) -> int:
-        tensors = [*self.live.values(), *self.base_tensors.values(), *self.deltas.values()]
-        return sum(t.nbytes for t in tensors)
+        cached = self.merge_cache.nbytes() if self.merge_cache is not None else 0
+        return sum(t.nbytes for t in self.live.values()) + self.inputs.resident_bytes() + cached
+
+    def mapped_bytes(self) -> int:
+        return self.inputs.mapped_bytes()
 
 
 class LivePath:
@@ -92,6 +183,9 @@ class LivePath:
 
     def resident_bytes(self) -> int:
         return self.paths.resident_bytes()
+
+    def mapped_bytes(self) -> int:
+        return 0
 
 
 BUILDERS: dict[type, Callable[[str, Sequence[str], LoadOptions], LiveBuilder]] = {Recipe: LiveMerge, PathRecipe: LivePath}
@@ -111,10 +205,11 @@ def load_model(ref: str, options: LoadOptions) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Checkpoint.open(ref, allow_pickle=options.allow_pickle).path
+    spread = {"device_map": "auto"} if options.spread else {}  # over every GPU this worker sees
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(options.dtype) or "auto",
-                                                 trust_remote_code=options.trust_remote_code)
+                                                 trust_remote_code=options.trust_remote_code, **spread)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
-    return model.to(options.device).eval(), tokenizer
+    return (model if options.spread else model.to(options.device)).eval(), tokenizer
 
 
 def _live_tensors(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

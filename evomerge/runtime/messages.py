@@ -68,8 +68,11 @@ class WorkerInfo:
     worker: str  # "host:pid"
     device: str
     startup_s: float
-    resident_bytes: int  # tensors the worker holds (live model, base, task vectors, caches)
+    resident_bytes: int  # tensors the worker holds privately (live model, copies of base and sources, caches)
     rss_bytes: int  # the process's resident set size after start-up
+    mapped_bytes: int = 0  # sources read through memory-mapped files: one copy per node, shared
+    anon_bytes: int = 0  # the process's private (anonymous) resident memory
+    sources_on: str = ""  # where its base and sources live: device, host or mmap
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class WorkerSetup:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     merge_cache: bool = False
+    sources_on: str = "auto"  # device | host | mmap | auto (config.WorkersConfig)
+    gpus: float | None = None  # GPUs per worker; above 1 the live model is spread over them
     kind: str = Recipe.kind  # the candidate kind the study searches: its builder is made at start-up
 
     @classmethod
@@ -102,5 +107,7 @@ class WorkerSetup:
             allow_pickle=cfg.models.allow_pickle,
             trust_remote_code=cfg.models.trust_remote_code,
             merge_cache=cfg.workers.merge_cache,
+            sources_on=cfg.workers.sources_on,
+            gpus=cfg.workers.gpus_per_worker,
             kind=kind,
         )

@@ -72,8 +72,10 @@ class WorkerPool:
         device = self.infos[0].device if self.infos else "?"
         progress(f"workers: {n_workers} ready on {device} in {self.startup_s:.1f}s")
         for info in self.infos:
-            progress(f"workers: {info.worker} holds {info.resident_bytes / 2**30:.2f} GiB of tensors, "
-                     f"RSS {info.rss_bytes / 2**30:.2f} GiB, started in {info.startup_s:.1f}s")
+            mapped = f", maps {info.mapped_bytes / 2**30:.2f} GiB of sources (shared per node)" if info.mapped_bytes else ""
+            where = f" (sources on {info.sources_on})" if info.sources_on else ""
+            progress(f"workers: {info.worker} holds {info.resident_bytes / 2**30:.2f} GiB of tensors{where}{mapped}; "
+                     f"private memory {info.anon_bytes / 2**30:.2f} GiB, RSS {info.rss_bytes / 2**30:.2f} GiB")
 
     @property
     def size(self) -> int:

@@ -25,7 +25,8 @@ class CandidateWorker:
             torch.set_num_threads(setup.threads)
         self.setup = setup
         self.device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.options = LoadOptions(self.device, setup.dtype, setup.allow_pickle, setup.trust_remote_code, setup.merge_cache)
+        self.options = LoadOptions(self.device, setup.dtype, setup.allow_pickle, setup.trust_remote_code, setup.merge_cache,
+                                   setup.sources_on, spread=(setup.gpus or 0) > 1)
         self._builders: dict[type, LiveBuilder] = {}
         self.builder(KINDS[setup.kind])  # the study's kind is loaded at start-up; another on first use
         self.scorer = LmEvalScorer(setup.tasks, [os.fspath(p) for p in setup.include_paths], batch_size=setup.batch_size,
@@ -49,8 +50,11 @@ class CandidateWorker:
         return self.builder(Recipe).tokenizer
 
     def info(self) -> WorkerInfo:
-        resident = sum(b.resident_bytes() for b in self._builders.values())
-        return WorkerInfo(self.name, str(self.device), self.startup_s, resident, _rss_bytes())
+        builders = self._builders.values()
+        memory = process_memory()
+        where = ",".join(sorted({b.sources_on for b in builders if hasattr(b, "sources_on")}))
+        return WorkerInfo(self.name, str(self.device), self.startup_s, sum(b.resident_bytes() for b in builders),
+                          memory.get("Rss", 0), sum(b.mapped_bytes() for b in builders), memory.get("Anonymous", 0), where)
 
     @torch.no_grad()
     def build(self, recipe: Recipe | PathRecipe) -> float:
@@ -105,10 +109,18 @@ def _peak_mem_mb(device: torch.device) -> float | None:
         return None
 
 
-def _rss_bytes() -> int:
-    """The process's current resident set size (Linux /proc; 0 where it cannot be read)."""
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """Bytes by kind from /proc/PID/smaps_rollup (Linux): Rss, Pss, Anonymous (private allocations),
+    Shared_Clean (file pages other processes map too), ...; empty where it cannot be read."""
     try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            lines = rollup.read().splitlines()[1:]
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            out[key.strip()] = int(parts[0]) * 1024
+    return out

@@ -100,11 +100,13 @@ def test_fused_path_is_taken_on_the_cpu(monkeypatch):
     assert calls == [1]
 
 
-def test_traffic_bound_kernel_sums_the_task_vectors():
-    _, deltas = bf16_like_inputs(3, (1000,), seed=6)
+def test_traffic_bound_kernel_reads_base_and_sources_once():
+    base, deltas = bf16_like_inputs(3, (1000,), seed=6)
+    sources = (base.float() + deltas).to(torch.bfloat16)
     out = torch.empty(1000, dtype=torch.bfloat16)
-    _fused.kernels(3).traffic_bound(tuple(deltas.numpy()), out.view(torch.uint16).numpy())
-    assert torch.equal(out, (deltas[0] + deltas[1] + deltas[2]).to(torch.bfloat16))
+    rows = tuple(s.view(torch.uint16).numpy() for s in sources)
+    _fused.kernels(3).traffic_bound(rows, base.view(torch.uint16).numpy(), out.view(torch.uint16).numpy())
+    assert torch.equal(out, (base.float() + sources[0].float() + sources[1].float() + sources[2].float()).to(torch.bfloat16))
 
 
 def test_kernels_are_generated_once_into_the_cache(tmp_path, monkeypatch):
