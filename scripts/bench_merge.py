@@ -1,23 +1,27 @@
-"""Per-candidate in-memory merge build time, as a worker builds it, against a memory-traffic bound and mergekit.
+"""Per-candidate in-memory merge build time, as a worker builds it, against the one-pass bound and mergekit.
 
     python scripts/bench_merge.py                      # ~200M-parameter Llama shape, 3 sources, 2 layer groups
     python scripts/bench_merge.py --mergekit-python /tmp/mkvenv/bin/python
     python scripts/bench_merge.py --threads 1 --cpu-time     # one thread, CPU time: steady on a busy machine
+    python scripts/bench_merge.py --out docs/results/bench_merge.md   # also write the table there
 
 A synthetic Llama-shaped model (scripts/make_synthetic_models.py shapes; random weights, nothing is
-downloaded) and three perturbed sources are made in memory. The build is the worker's: base tensors and
-fp32 task vectors resident, `merge_named` per tensor writing into a preallocated output tensor of the
-base's dtype (bf16), with one `MergeCache` for the whole run (as a worker keeps one) and without.
-On the CPU the merge runs the fused kernels (evomerge/merge/_fused.py; "first" includes compiling
-them when numba's cache under ~/.cache/evomerge/kernels is cold). Each
-candidate draws new parameters per layer group, so nothing but the cache carries over. "first" is a
-method's first cached build, which fills what that method needs and is not yet there (ties sorts each
-task vector, which breadcrumbs then reuses; dare_ties hashes each entry's uniform and orders the
-entries by it, for its L1 lookup; della ranks rows). The bound is one pass in the same run that reads
-every task vector once and writes the output: the faster of torch's `out.copy_(deltas.sum(0))` and
-a one-pass kernel (`traffic_bound`, no fp32 temporary), timed after every cached build and at the
-end (median). A merge also reads the base, so its floor is above the bound: 16 vs 14 bytes per entry
-with three fp32 task vectors and bf16 tensors.
+downloaded) and three perturbed bf16 sources are made in memory. The build is the worker's: base and
+sources resident in their dtype (bf16), `merge_named` per tensor writing into a preallocated bf16 output
+tensor, with the task vectors formed where the kernels use them, never materialised. Two settings,
+labelled: the default (`workers.merge_cache: false`) and with the cache (`merge_cache: true`, one
+`MergeCache` for the whole run, as a worker keeps one; "first" is a method's first cached build, which
+fills what it needs: ties sorts each task vector, which breadcrumbs then reuses; dare_* order entries by
+uniform; della ranks rows). On the CPU the task-vector methods run the fused kernels
+(evomerge/merge/_fused.py; a first build also compiles them when numba's cache under
+~/.cache/evomerge/kernels is cold). Each candidate draws new parameters per layer group.
+
+The bound is the one-pass kernel `traffic_bound` in the same run: it reads the base and every source
+once in their dtype and writes the output once, 2(E + 2) bytes per entry in bf16 (10 for three
+sources): no merge can move less. It is timed after every cached build and at the end (median).
+"fp32 task vectors" times the previous worker's path for the same candidates (base and (E, *S) fp32 task
+vectors resident, 2 + 4E bytes per entry read; default settings), to show what native sources change.
+
 Times are medians over repeats; on a busy machine, `--threads 1` gives steadier numbers, and
 `--threads 1 --cpu-time` steadier still: each time is this process's CPU time, which other processes
 on the machine do not add to (it still counts what they cost in cache misses).
@@ -30,14 +34,14 @@ never imported here. Set that environment up once (torch pinned, or pip pulls a 
     python3 -m venv /tmp/mkvenv
     /tmp/mkvenv/bin/pip install torch==2.13.0 'mergekit==0.1.5'
 
-Ratios: build / bound (how far from streaming the data once) and mergekit / ours (cached). Random
-methods (dare_ties, della) draw different random masks in mergekit; their times still compare.
+Random methods (dare_*, della*) draw different random masks in mergekit; their times still compare.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -50,95 +54,106 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_models import llama_config, llama_shapes, synthetic_tensor  # noqa: E402
 
-METHODS = ("ties", "dare_ties", "breadcrumbs", "della")
+METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+           "della_linear", "linear", "slerp", "model_stock", "consensus")
 N_GROUPS = 2
 clock = time.perf_counter  # time.process_time with --cpu-time
+# Where each parameter is drawn: inside its valid range, where merges are useful.
+WINDOWS = {"weight": (0.2, 1.0), "density": (0.3, 0.7), "lambda_": (0.8, 1.2), "gamma": (0.0, 0.05),
+           "epsilon": (0.05, 0.2), "t": (0.2, 0.8), "tall_lambda": (0.2, 0.6), "k": (2.0, 2.0)}
+
+
+def n_sources_for(method: str, n_sources: int) -> int:
+    from evomerge.merge import get_method
+
+    return min(n_sources, get_method(method).max_models or n_sources)
 
 
 def candidate_params(method: str, rng: torch.Generator, n_sources: int) -> list[dict]:
     """One parameter mapping per layer group, drawn inside each method's valid range."""
+    from evomerge.merge import get_method
+
     def draw(low: float, high: float, n: int | None = None) -> float | list[float]:
         values = (low + (high - low) * torch.rand(n or 1, generator=rng)).tolist()
         values = [round(v, 3) for v in values]
         return values if n else values[0]
 
-    groups = []
-    for _ in range(N_GROUPS):
-        params = {"weight": draw(0.2, 1.0, n_sources), "density": draw(0.2, 0.8, n_sources), "lambda_": draw(0.8, 1.2)}
-        if method == "breadcrumbs":
-            params["gamma"] = draw(0.0, 0.05, n_sources)
-        if method == "della":
-            params["density"] = draw(0.3, 0.7, n_sources)
-            params["epsilon"] = draw(0.05, 0.2, n_sources)
-        groups.append(params)
-    return groups
+    spec = get_method(method)
+    n = n_sources_for(method, n_sources)
+    return [{p.name: draw(*WINDOWS[p.name], n if p.per_model else None) for p in spec.params} for _ in range(N_GROUPS)]
 
 
-def make_inputs(n_params: float, n_sources: int) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The config, bf16 base tensors and fp32 task vectors (E, *S), as a worker holds them."""
-    from evomerge.models.build import task_vectors
-
+def make_inputs(n_params: float, n_sources: int) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """The config, bf16 base tensors and bf16 source tensors, as a worker holds them."""
     config = llama_config(n_params)
-    base, deltas = {}, {}
+    base, sources = {}, {}
     for name, shape in llama_shapes(config):
         base32 = synthetic_tensor(name, shape, 0, torch.float32)
         base[name] = base32.to(torch.bfloat16)
-        sources = [synthetic_tensor(name, shape, s, torch.bfloat16, base32) for s in range(1, n_sources + 1)]
-        deltas[name] = task_vectors(base[name], sources)
-    return config, base, deltas
+        sources[name] = [synthetic_tensor(name, shape, s, torch.bfloat16, base32) for s in range(1, n_sources + 1)]
+    return config, base, sources
 
 
-def time_build(recipe, base, deltas, out, groups, cache) -> float:
-    """The worker's build: each merged tensor written into the live tensor (and checked finite)."""
+def time_build(recipe, base, inputs, out, groups, cache) -> float:
+    """The worker's build: each merged tensor written into the live tensor (and checked finite).
+    inputs[name]: the sources (a list, native) or materialised fp32 task vectors (a tensor)."""
+    from evomerge.merge import TaskVectors
     from evomerge.models.build import check_recipe, merge_named
 
+    n = len(recipe.sources)
     started = clock()
     spec = check_recipe(recipe)
     for name, target in out.items():
-        merge_named(recipe, spec, name, groups[name], base[name], deltas[name], cache=cache, out=target)
+        given = inputs[name]
+        deltas = TaskVectors(base[name], given[:n]) if isinstance(given, list) else given[:n]
+        merge_named(recipe, spec, name, groups[name], base[name], deltas, cache=cache, out=target)
     return clock() - started
 
 
-def time_bound(deltas, out) -> float:
-    """The faster of two passes that read every task vector once and write the output: torch's sum
-    (which also writes and reads an fp32 temporary) and a one-pass kernel with no temporary."""
+def time_bound(base, sources, out, n: int) -> float:
+    """One pass that reads the base and n sources once, in their dtype, and writes the output."""
+    from evomerge.merge._deltas import array_of
     from evomerge.merge._fused import kernels
 
     started = clock()
     for name, target in out.items():
-        target.copy_(deltas[name].sum(0))
-    torch_s = clock() - started
-    started = clock()
-    for name, target in out.items():
-        flat = deltas[name].reshape(len(deltas[name]), -1).numpy()
-        kernels(len(flat)).traffic_bound(tuple(flat), target.view(-1).view(torch.uint16).numpy())
-    return min(torch_s, clock() - started)
+        rows = tuple(array_of(s) for s in sources[name][:n])
+        kernels(n).traffic_bound(rows, array_of(base[name]), array_of(target))
+    return clock() - started
 
 
-def bench_ours(args, config, base, deltas) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, list]]:
-    from evomerge.models.build import MergeCache
+def bench_ours(args, config, base, sources) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, list]]:
+    from evomerge.merge import TaskVectors
+    from evomerge.models.build import MergeCache, task_vectors
     from evomerge.models.layout import LayerGroups, group_of_each
     from evomerge.recipe import Recipe
 
     groups = group_of_each(list(base), LayerGroups(config["num_hidden_layers"], N_GROUPS))
     out = {n: torch.empty_like(t) for n, t in base.items()}
     rng = torch.Generator().manual_seed(0)
-    rows, candidates, bounds = {}, {}, []
+    rows, candidates, bounds = {}, {}, {}
     cache = MergeCache()  # one per worker, whatever the method: sorted magnitudes serve ties and breadcrumbs
+    fp32 = {n: task_vectors(base[n], sources[n]) for n in base} if args.compare_fp32 else None
     for method in args.methods:
+        n = n_sources_for(method, args.sources)
         cands = [candidate_params(method, rng, args.sources) for _ in range(args.repeats + 1)]
         candidates[method] = cands
-        recipes = [Recipe(method, "base", tuple(f"s{i}" for i in range(args.sources)), tuple(g), seed=1) for g in cands]
-        first = time_build(recipes[0], base, deltas, out, groups, cache)
+        recipes = [Recipe(method, "base", tuple(f"s{i}" for i in range(n)), tuple(g), seed=1) for g in cands]
+        first = time_build(recipes[0], base, sources, out, groups, cache)
         cached = []
         for r in recipes[1:]:  # a bound next to each build, so load that comes and goes hits both
-            cached.append(time_build(r, base, deltas, out, groups, cache))
-            bounds.append(time_bound(deltas, out))
-        plain = [time_build(r, base, deltas, out, groups, None) for r in recipes[1 : 1 + args.uncached_repeats]]
-        rows[method] = {"first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain) if plain else float("nan")}
-        print(f"  {method}: first {first:.2f}s, cached {rows[method]['cached']:.2f}s, uncached {rows[method]['uncached']:.2f}s", flush=True)
-    del cache
-    rows["_bound"] = {"bound": statistics.median(bounds + [time_bound(deltas, out) for _ in range(3)])}
+            cached.append(time_build(r, base, sources, out, groups, cache))
+            bounds.setdefault(n, []).append(time_bound(base, sources, out, n))
+        plain = [time_build(r, base, sources, out, groups, None) for r in recipes[1 : 1 + args.uncached_repeats]]
+        old = [time_build(r, base, fp32, out, groups, None) for r in recipes[1 : 1 + args.uncached_repeats]] if fp32 else []
+        rows[method] = {"n": n, "first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain),
+                        "fp32": statistics.median(old) if old else float("nan")}
+        print(f"  {method}: first {first:.2f}s, cached {rows[method]['cached']:.2f}s, default {rows[method]['uncached']:.2f}s"
+              + (f", fp32 task vectors {rows[method]['fp32']:.2f}s" if old else ""), flush=True)
+    del cache, fp32
+    for n in bounds:
+        bounds[n] += [time_bound(base, sources, out, n) for _ in range(3)]
+    rows["_bound"] = {n: statistics.median(b) for n, b in bounds.items()}
     return rows, groups, candidates
 
 
@@ -169,6 +184,8 @@ def mergekit_child(spec_file: str) -> None:
         tensors[name] = [synthetic_tensor(name, shape, s, torch.bfloat16).float() for s in range(spec["sources"] + 1)]
     times = {}
     for method, cands in spec["candidates"].items():
+        if method not in registry.REGISTERED_MERGE_METHODS:
+            continue
         merge = registry.get(method)
         runs = []
         for groups_params in cands[1 : 1 + spec["repeats"]]:
@@ -183,19 +200,22 @@ def mergekit_child(spec_file: str) -> None:
     print(json.dumps(times))
 
 
-def print_table(rows: dict, mk: dict[str, float]) -> None:
-    bound = rows["_bound"]["bound"]
-    print(f"\nmemory-traffic bound (read all task vectors once, write the output): {bound:.3f}s")
-    head = "| method | first build s | cached s | uncached s | cached / bound | uncached / bound | mergekit s | mergekit / ours |"
-    print(head)
-    print("|" + " --- |" * (head.count("|") - 1))
+def table(rows: dict, mk: dict[str, float]) -> str:
+    bounds = rows["_bound"]
+    lines = [f"one-pass bound (read base and E sources once in bf16, write the output; 2(E + 2) bytes per entry): "
+             + ", ".join(f"{b:.3f}s for E = {n}" for n, b in sorted(bounds.items())), ""]
+    head = ("| method | E | default (no cache) s | default / bound | fp32 task vectors s (before) | with cache s | "
+            "with cache / bound | first cached build s | mergekit s | mergekit / ours (default) |")
+    lines += [head, "|" + " --- |" * (head.count("|") - 1)]
     for method, r in rows.items():
         if method.startswith("_"):
             continue
+        bound = bounds[r["n"]]
         mk_s = mk.get(method)
-        mk_cells = f"{mk_s:.2f} | {mk_s / r['cached']:.1f}x" if mk_s else "- | -"
-        print(f"| {method} | {r['first']:.2f} | {r['cached']:.2f} | {r['uncached']:.2f} | "
-              f"{r['cached'] / bound:.1f}x | {r['uncached'] / bound:.1f}x | {mk_cells} |")
+        mk_cells = f"{mk_s:.2f} | {mk_s / r['uncached']:.1f}x" if mk_s else "- | -"
+        lines.append(f"| {method} | {r['n']} | {r['uncached']:.3f} | {r['uncached'] / bound:.1f}x | {r['fp32']:.3f} | "
+                     f"{r['cached']:.3f} | {r['cached'] / bound:.1f}x | {r['first']:.2f} | {mk_cells} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (needs --threads 1)")
     parser.add_argument("--mergekit-python", help="a Python with mergekit 0.1.5 (see the docstring)")
     parser.add_argument("--mergekit-repeats", type=int, default=1)
+    parser.add_argument("--no-compare-fp32", dest="compare_fp32", action="store_false",
+                        help="skip timing the previous path (fp32 task vectors resident)")
+    parser.add_argument("--out", type=Path, help="also write the command and the table to this markdown file")
     parser.add_argument("--mergekit-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -222,14 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         mergekit_child(args.mergekit_child)
         return 0
     started = time.perf_counter()
-    config, base, deltas = make_inputs(args.params, args.sources)
+    config, base, sources = make_inputs(args.params, args.sources)
     n = sum(t.numel() for t in base.values())
-    print(f"inputs: {n / 1e6:.0f}M parameters, {config['num_hidden_layers']} layers, {args.sources} sources, "
-          f"{N_GROUPS} layer groups, torch threads {torch.get_num_threads()} ({time.perf_counter() - started:.0f}s to make)")
-    rows, groups, candidates = bench_ours(args, config, base, deltas)
-    del deltas
+    heading = (f"inputs: {n / 1e6:.0f}M parameters, {config['num_hidden_layers']} layers, {args.sources} bf16 sources, "
+               f"{N_GROUPS} layer groups, torch threads {torch.get_num_threads()}")
+    print(f"{heading} ({time.perf_counter() - started:.0f}s to make)")
+    rows, groups, candidates = bench_ours(args, config, base, sources)
     mk = bench_mergekit(args, groups, candidates) if args.mergekit_python else {}
-    print_table(rows, mk)
+    text = table(rows, mk)
+    print("\n" + text)
+    if args.out:
+        command = "python scripts/bench_merge.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# scripts/bench_merge.py ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)\n\n"
+                            f"`{command}`\n\n{heading}\n\n{text}\n")
     return 0
 
 
