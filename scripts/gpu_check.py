@@ -7,11 +7,19 @@ needs no download and no Ray. Steps, each timed:
   2. models      a Llama-shaped model of about 1B parameters built from a LlamaConfig on the GPU in bf16
                  (22 layers, d=2048, GQA 32/4 heads, MLP 5632, byte-level vocabulary of 260), and three
                  "specialists" = base + a small random perturbation, written as HF checkpoints to local disk
-  3. worker      `evomerge.runtime.worker.CandidateWorker` in-process: base and task vectors resident on the GPU
+  3. worker      `evomerge.runtime.worker.CandidateWorker` in-process: base and sources resident on the GPU (bf16)
   4. builds      `CandidateWorker.build` for ties and dare_ties (one cold build, then timed warm builds),
-                 against the bound bytes(read base + read task vectors + write live weights) / bandwidth
+                 against the bound bytes(read base + read sources + write live weights) / bandwidth
   5. evaluation  `CandidateWorker.evaluate` on a generated lm-eval task (reverse a random string,
                  loglikelihood, exact match; YAML + JSONL written to a temp dir): docs/s and tokens/s
+  6. 7B          Mistral-7B shapes (32 layers, d=4096, MLP 14336, GQA 32/8, vocab 32000; 7.2B parameters),
+                 a bf16 live model on the GPU and a base plus 3 random specialists generated in memory (no
+                 checkpoints: they would not fit the machine's disk), merged by the worker's own code
+                 (`models.live.SourceTensors` + `merge_named`) with sources_on host (pinned host memory,
+                 streamed per tensor, double-buffered) and device (resident in HBM): peak GPU memory,
+                 ties / task_arithmetic build time against the PCIe bound (host: (E + 1) x 2 bytes per
+                 parameter over the link) and the HBM bound (device: read base and sources, write the live
+                 weights), and lm-eval tokens/s on the 7B live model. It must fit an 80 GB H100.
 
 Writes gpu_check.json to --out ($OUT on the device machine). `--smoke` runs the same steps on a tiny
 model on the CPU in a few seconds (the check of this script where there is no GPU).
@@ -34,6 +42,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -69,6 +78,9 @@ FULL = Plan(Shape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=
             prompt_chars=48, warm_builds=3, batch_size=128)
 SMOKE = Plan(Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2), copy_mib=16, docs=16,
              prompt_chars=12, warm_builds=1, batch_size=16)
+LARGE = Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8)  # Mistral-7B
+LARGE_SMOKE = Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
+LARGE_VOCAB = 32000
 
 
 def log(msg: str) -> None:
@@ -191,11 +203,12 @@ def recipes(paths: dict[str, str], n_sources: int) -> dict:
 
 
 def build_bytes(worker) -> int:
-    """Bytes one build must move at least: read base and task vectors, write the live weights."""
+    """Bytes one build must move at least: read base and sources once, write the live weights."""
     from evomerge.recipe import Recipe
 
     live = worker.builder(Recipe)
-    return sum(live.base_tensors[n].nbytes + live.deltas[n].nbytes + t.nbytes for n, t in live.live.items())
+    inputs = live.inputs
+    return sum(t.nbytes + sum(s.nbytes for s in (inputs.base[n], *inputs.sources[n])) for n, t in live.live.items())
 
 
 def time_builds(worker, recipe, warm: int, device: torch.device) -> dict:
@@ -216,7 +229,7 @@ def run_worker(models: dict, task_dir: Path, plan: Plan, device: torch.device, b
     n_sources = len(paths) - 1
     setup = WorkerSetup(base=paths["base"], sources=tuple(paths[f"spec{i}"] for i in range(n_sources)),
                         tasks=(TaskConfig(name=TASK),), include_paths=(str(task_dir),), batch_size=plan.batch_size,
-                        dtype="bfloat16", device=str(device))
+                        dtype="bfloat16", device=str(device), sources_on="device")
     worker = CandidateWorker(setup)
     log(f"worker ready in {worker.startup_s:.1f}s on {worker.device}")
     moved = build_bytes(worker)
@@ -240,9 +253,98 @@ def run_worker(models: dict, task_dir: Path, plan: Plan, device: torch.device, b
     return out
 
 
-def doc_tokens(task_dir: Path, tokenizer) -> int:
+# --- 6. the 7B-shaped case ---------------------------------------------------------------------
+
+
+class GeneratedSources:
+    """Base (i = 0) or specialist i of a model, generated tensor by tensor on the device: what
+    `SourceTensors` reads from a checkpoint, here from memory (a 7B x 4 set would not fit on disk)."""
+
+    def __init__(self, live: dict[str, torch.Tensor], i: int) -> None:
+        self.live, self.i, self.names = live, i, list(live)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        base = self.live[name]
+        if not self.i:
+            return base.clone()
+        gen = torch.Generator(device=base.device).manual_seed(1000 * self.i + len(name))
+        noise = torch.randn(base.shape, generator=gen, device=base.device, dtype=torch.float32)
+        return (base.float() + 0.002 * noise).to(base.dtype)
+
+
+def run_large(shape: Shape, device: torch.device, plan: Plan, bandwidth: dict, task_dir: Path, n_sources: int = 3) -> dict:
+    """Step 6: a 7B-shaped merge in host and device modes, and lm-eval throughput on it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.config import TaskConfig
+    from evomerge.models.build import check_recipe, group_map, merge_named
+    from evomerge.models.live import SourceTensors
+    from evomerge.merge import TaskVectors
+    from evomerge.recipe import Recipe
+    from evomerge.runtime.scoring import LmEvalScorer
+    from evomerge.zoo import char_tokenizer
+
+    config = LlamaConfig(vocab_size=LARGE_VOCAB, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    live = dict(model.state_dict())
+    n_params = sum(t.numel() for t in live.values())
+    live_bytes = sum(t.nbytes for t in live.values())
+    out: dict = {"n_params": n_params, "live_bytes": live_bytes, "modes": {}}
+    log(f"7B: {n_params / 1e9:.2f}B parameters, live model {live_bytes / 2**30:.1f} GiB")
+    sources = tuple(f"spec{i}" for i in range(n_sources))
+    params = {"weight": [0.9, 0.6, 0.7][:n_sources], "density": [0.4, 0.5, 0.6][:n_sources]}
+
+    base_header = SimpleNamespace(names=list(live), config=config.to_dict())  # what group_map reads
+    devices = {n: t.device for n, t in live.items()}
+    for mode in ("host", "device"):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        inputs = SourceTensors(GeneratedSources(live, 0), [GeneratedSources(live, i + 1) for i in range(n_sources)], mode, devices)
+        sync(device)
+        row: dict = {"setup_s": time.perf_counter() - started, "builds": {}}
+        for method in ("ties", "task_arithmetic"):
+            recipe = Recipe(method, "base", sources, ({k: v for k, v in params.items() if method == "ties" or k == "weight"},), seed=0)
+            spec, groups = check_recipe(recipe), group_map(recipe, base_header)
+            times = []
+            for _ in range(plan.warm_builds + 1):
+                started = time.perf_counter()
+                with torch.no_grad():
+                    for name, base, srcs in inputs.each():
+                        merge_named(recipe, spec, name, groups[name], base, TaskVectors(base, srcs), out=live[name])
+                sync(device)
+                times.append(time.perf_counter() - started)
+            row["builds"][method] = {"cold_s": times[0], "warm_median_s": statistics.median(times[1:])}
+        moved = (n_sources + 1) * live_bytes
+        row["bound_s"] = moved / 50e9 if mode == "host" else (moved + live_bytes) / (bandwidth["gb_per_s"] * 1e9)
+        row["bound"] = "PCIe at 50 GB/s: base and sources over the link once" if mode == "host" else \
+            "HBM copy bandwidth: read base and sources, write the live weights"
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        out["modes"][mode] = row
+        log(f"7B {mode}: peak {row['peak_gib']} GiB; " + ", ".join(
+            f"{m} {b['warm_median_s']:.2f}s ({b['warm_median_s'] / row['bound_s']:.1f}x bound)" for m, b in row["builds"].items()))
+        del inputs
+    tokenizer = char_tokenizer()
+    scorer = LmEvalScorer([TaskConfig(name=TASK, limit=plan.docs // 4)], [str(task_dir)], batch_size=plan.batch_size,
+                          device=str(device))
+    scorer.score(model, tokenizer, "fitness")  # builds HFLM, warms up
+    started = time.perf_counter()
+    scorer.score(model, tokenizer, "fitness")
+    eval_s = time.perf_counter() - started
+    tokens = doc_tokens(task_dir, tokenizer, plan.docs // 4)
+    out["eval"] = {"docs": plan.docs // 4, "eval_s": eval_s, "tokens_per_s": tokens / eval_s}
+    log(f"7B eval: {plan.docs // 4} docs in {eval_s:.1f}s = {tokens / eval_s:.0f} tokens/s")
+    return out
+
+
+def doc_tokens(task_dir: Path, tokenizer, limit: int | None = None) -> int:
     """Tokens the model reads for the fitness split: <bos> + prompt + target per doc."""
-    lines = (task_dir / "fitness.jsonl").read_text().splitlines()
+    lines = (task_dir / "fitness.jsonl").read_text().splitlines()[:limit]
     return sum(len(tokenizer(json.loads(l)["prompt"] + json.loads(l)["target"])["input_ids"]) for l in lines)
 
 
@@ -271,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few seconds")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_check_out"))
     parser.add_argument("--work", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
+    parser.add_argument("--skip-7b", action="store_true", help="skip step 6, the 7B-shaped case")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -289,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
             f"4 checkpoints written in {report['models']['write_s']:.1f}s")
         task_dir = write_task(work / "task", plan.docs, plan.prompt_chars)
         report["worker"] = run_worker(report["models"], task_dir, plan, device, report["bandwidth"])
+        shutil.rmtree(work / "models", ignore_errors=True)  # the disk space the 7B case may need for its temporaries
+        if not args.skip_7b:
+            report["large"] = run_large(LARGE_SMOKE if args.smoke else LARGE, device, plan, report["bandwidth"], task_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         report["total_s"] = time.perf_counter() - started

@@ -90,6 +90,18 @@ def _sub_at_typed(sub, k):
     return lambda sub, k: load(sub, k)
 
 
+def base_or_zero(sub, value):
+    """`value` (the base entry, already loaded) when sub is an array (then it is the base), else 0:
+    what a fused kernel subtracts, without loading the base twice."""
+
+
+@overload(base_or_zero)
+def _base_or_zero_typed(sub, value):
+    if isinstance(sub, (types.NoneType, types.Omitted)):
+        return lambda sub, value: np.float32(0.0)
+    return lambda sub, value: value
+
+
 @overload(delta_at)
 def _delta_at_typed(array, sub, k):
     return lambda array, sub, k: load(array, k) - sub_at(sub, k)
@@ -174,6 +186,13 @@ def fixed_sum(flat, scale, sub=None):
     for i in numba.prange(len(flat)):
         total += np.int64(abs(delta_at(flat, sub, i)) * scale32)
     return total
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def form_row(flat, sub, out):
+    """out[i] = d[i] in fp32: one model's task vector, formed in one vectorized pass."""
+    for i in numba.prange(len(flat)):
+        out[i] = delta_at(flat, sub, i)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

@@ -62,6 +62,7 @@ class SourceTensors:
     """
 
     def __init__(self, base: Checkpoint, sources: Sequence[Checkpoint], mode: str, devices: dict[str, torch.device]) -> None:
+        """base, sources: anything with `names`, `tensor(name)` and (for mmap) `mapped(name)`, like a Checkpoint."""
         self.mode, self.names = mode, list(base.names)
         self.devices = devices  # tensor name -> the device of its live tensor
         self.streamed = mode != "device" and any(d.type == "cuda" for d in devices.values())
@@ -72,6 +73,7 @@ class SourceTensors:
             tensor = ckpt.tensor(name)
             if mode == "device":
                 return tensor.to(devices[name])
+            tensor = tensor.cpu()
             return tensor.pin_memory() if self.streamed else tensor
 
         self.base = {n: keep(base, n) for n in self.names}
