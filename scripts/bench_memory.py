@@ -49,13 +49,13 @@ METHOD_PARAMS = (("ties", {"weight": [0.9, 0.6, 0.7], "density": [0.4, 0.5, 0.6]
 GIB = 2**30
 
 
-def ensure_models(folder: Path, params: float, n_sources: int) -> dict:
+def ensure_models(folder: Path, params: float, n_sources: int, hidden: int = 2048) -> dict:
     """Base and sources as bf16 checkpoints under `folder` (made once), with the zoo's tokenizer."""
     import torch
 
     from evomerge.zoo import char_tokenizer
 
-    config = llama_config(params, hidden=2048)
+    config = llama_config(params, hidden=hidden)
     folder.mkdir(parents=True, exist_ok=True)
     for source in range(n_sources + 1):
         path = folder / ("base" if source == 0 else f"source{source}")
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=1.1e9)
     parser.add_argument("--sources", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size (default 2048; small for a smoke run)")
     parser.add_argument("--builds", type=int, default=3, help="timed builds per method (median)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--dir", default=None, help="where the synthetic models live (default: the evomerge cache)")
@@ -241,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from evomerge.dirs import cache_root
 
-    args.dir = str(Path(args.dir) if args.dir else cache_root() / "bench_memory" / f"{args.params:.3g}-{args.sources}")
-    config = ensure_models(Path(args.dir), args.params, args.sources)
+    args.dir = str(Path(args.dir) if args.dir else cache_root() / "bench_memory" / f"{args.params:.3g}-{args.sources}-{args.hidden}")
+    config = ensure_models(Path(args.dir), args.params, args.sources, args.hidden)
     n_params = sum(int(__import__("math").prod(s)) for _, s in llama_shapes(config))
     rows = [row for mode in args.modes if (row := measure(args, mode, n_params)) is not None]
     text = table(rows, config, n_params)

@@ -83,9 +83,9 @@ def candidate_params(method: str, rng: torch.Generator, n_sources: int) -> list[
     return [{p.name: draw(*WINDOWS[p.name], n if p.per_model else None) for p in spec.params} for _ in range(N_GROUPS)]
 
 
-def make_inputs(n_params: float, n_sources: int) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+def make_inputs(n_params: float, n_sources: int, hidden: int = 1024) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
     """The config, bf16 base tensors and bf16 source tensors, as a worker holds them."""
-    config = llama_config(n_params)
+    config = llama_config(n_params, hidden=hidden)
     base, sources = {}, {}
     for name, shape in llama_shapes(config):
         base32 = synthetic_tensor(name, shape, 0, torch.float32)
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=2e8, help="model size in parameters (default 2e8)")
     parser.add_argument("--sources", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024; small for a smoke run)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="cached candidates per method after the first (median)")
     parser.add_argument("--uncached-repeats", type=int, default=1)
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         mergekit_child(args.mergekit_child)
         return 0
     started = time.perf_counter()
-    config, base, sources = make_inputs(args.params, args.sources)
+    config, base, sources = make_inputs(args.params, args.sources, args.hidden)
     n = sum(t.numel() for t in base.values())
     heading = (f"inputs: {n / 1e6:.0f}M parameters, {config['num_hidden_layers']} layers, {args.sources} bf16 sources, "
                f"{N_GROUPS} layer groups, torch threads {torch.get_num_threads()}")

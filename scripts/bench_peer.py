@@ -297,7 +297,7 @@ def run_evomerge(zoo, args, started: float, tmp: Path) -> tuple[list[dict], floa
     setup = prepare(study_config("cmaes", 0, zoo, args.budget, tmp / "probe.db", args.workers)).setup
     start_ray(args.workers, 1)
     pool = WorkerPool(setup, args.workers, cpus=1, progress=print)
-    procs = [_process(info["worker"]) for info in ray.get([a.info.remote() for a in pool.actors])]
+    procs = [_process(info.worker) for info in pool.infos]
     startup_s = time.perf_counter() - started
     rows = []
     try:

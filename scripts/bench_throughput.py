@@ -132,7 +132,7 @@ def measure(zoo, trials: int, workers: int, folder: Path) -> Row:
     load_before = os.getloadavg()[0]
     pool = WorkerPool(prepared.setup, workers, cpus=1, progress=print)
     try:
-        procs = [_process(info["worker"]) for info in ray.get([a.info.remote() for a in pool.actors])]
+        procs = [_process(info.worker) for info in pool.infos]
         store = StudyStore.create(prepared.cfg, {g.name: g.default for g in prepared.space.genes})
         x0 = np.array([g.to_unit(g.default) for g in prepared.space.genes])
         controller = make_controller(prepared.cfg.optimizer, x0, workers)

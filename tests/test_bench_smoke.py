@@ -1,0 +1,63 @@
+"""Every benchmark script runs end to end at a tiny size, so none rots unnoticed (their numbers are not
+checked here: speed belongs to the scripts' own reports, measured side by side)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoo_fixtures import zoo_cache_dir
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, timeout_s: int = 600) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout_s)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_bench_merge(tmp_path: Path) -> None:
+    out = run("bench_merge.py", "--params", "1e6", "--hidden", "64", "--methods", "ties", "dare_ties", "linear", "slerp",
+              "--out", str(tmp_path / "m.md"))
+    assert "one-pass bound" in out and "| ties | 3 |" in (tmp_path / "m.md").read_text()
+
+
+def test_bench_memory(tmp_path: Path) -> None:
+    out = run("bench_memory.py", "--params", "1e6", "--hidden", "64", "--builds", "1", "--modes", "mmap", "fp32",
+              "--dir", str(tmp_path / "models"), "--out", str(tmp_path / "mem.md"))
+    text = (tmp_path / "mem.md").read_text()
+    assert "| mmap |" in text and "fp32 task vectors (before)" in text and "native takes" in out
+
+
+def test_bench_sched() -> None:
+    out = run("bench_sched.py", "--workers", "4", "--mults", "1", "--low", "0.01", "--high", "0.03",
+              "--trials-per-worker", "2", "--sections", "generations", "simulated", "--sim-evals", "16", "--sim-seeds", "1")
+    assert "simulated" in out
+
+
+def test_bench_search(zoo_llama, tmp_path: Path) -> None:
+    run("bench_search.py", "--budget", "4", "--seeds", "1", "--methods", "cmaes", "--workers", "1",
+        "--out", str(tmp_path), "--zoo", str(zoo_cache_dir()))
+    assert (tmp_path / "bench_search.md").is_file()
+
+
+def test_bench_throughput(zoo_llama, tmp_path: Path) -> None:
+    run("bench_throughput.py", "--trials", "4", "--workers", "1", "--out", str(tmp_path), "--zoo", str(zoo_cache_dir()))
+    assert list(tmp_path.glob("bench_throughput*"))
+
+
+def test_bench_peer_without_its_side_venv(zoo_llama, tmp_path: Path) -> None:
+    out = run("bench_peer.py", "--budget", "4", "--seeds", "1", "--peer-runs", "0", "--workers", "1",
+              "--mk-venv", str(tmp_path / "no-venv"), "--out", str(tmp_path), "--zoo", str(zoo_cache_dir()))
+    assert "only evomerge runs" in out
+
+
+def test_bench_spaces(zoo_llama, tmp_path: Path) -> None:
+    run("bench_spaces.py", "--trials", "4", "--out", str(tmp_path / "spaces.md"))
+    assert "| layer swap" in (tmp_path / "spaces.md").read_text()
