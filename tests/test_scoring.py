@@ -120,3 +120,17 @@ def test_task_spec_rejects_bad_values(kwargs, message):
 def test_duplicate_tasks_are_rejected():
     with pytest.raises(ValueError, match="listed more than once"):
         LmEvalScorer([TaskConfig(name="zoo_rev"), TaskConfig(name="zoo_rev")], [EVALUATORS_DIR])
+
+
+def test_lower_is_better_metrics_count_negated_in_the_fitness(zoo_llama) -> None:
+    """bits_per_byte is lower-is-better in lm-eval (its task declares nothing; lm-eval's metric registry
+    says so): of two models, the one with the lower score gets the higher fitness."""
+    specs = [TaskConfig(name="zoo_rev_ppl", metric="bits_per_byte", limit=30)]
+    scorer = LmEvalScorer(specs, [EVALUATORS_DIR])
+    assert scorer.signs == {"zoo_rev_ppl": -1.0}
+    scores = sorted(scorer.score(*_load(path), "fitness")["zoo_rev_ppl"] for path in (zoo_llama.base, zoo_llama.specialists["rev"]))
+    assert 0 < scores[0] < scores[1]
+    fitness = [scorer.fitness({"zoo_rev_ppl": s}) for s in scores]
+    assert fitness == [-scores[0], -scores[1]] and fitness[0] > fitness[1]
+    mixed = LmEvalScorer([*specs, TaskConfig(name="zoo_rev", limit=30)], [EVALUATORS_DIR])
+    assert mixed.fitness({"zoo_rev_ppl": 0.5, "zoo_rev": 0.9}) == pytest.approx((0.9 - 0.5) / 2)

@@ -61,6 +61,8 @@ class LmEvalScorer:
         manager = task_manager([t.name for t in self.specs], include_paths)
         with lm_eval_log_level(logging.ERROR):  # per-task "custom kwargs"/"no generation_kwargs" chatter
             self._splits = {split: _load_split(manager, self.specs, split) for split in SPLITS}
+        fitness_tasks = self._splits["fitness"].leaves
+        self.signs = {spec.name: 1.0 if _higher_is_better(fitness_tasks[spec.name], spec) else -1.0 for spec in self.specs}
         self._lm: Any = None  # HFLM around the model last scored
 
     def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split) -> dict[str, float]:
@@ -133,12 +135,14 @@ class LmEvalScorer:
         return leaves[0] if _metric_key(spec)[0] in leaves[0].aggregation() else None
 
     def fitness(self, scores: Mapping[str, float]) -> float:
-        """Weighted mean of the task scores by TaskConfig.weight."""
+        """Weighted mean of the task scores by TaskConfig.weight, each signed so that higher is better:
+        a metric lm-eval marks lower-is-better (perplexity, word error rate) counts negated. The
+        search maximises fitness; the per-task scores are stored as lm-eval reports them."""
         missing = [s.name for s in self.specs if s.name not in scores]
         if missing:
             raise KeyError(f"scores lack task(s) {', '.join(missing)}; got {', '.join(scores) or 'none'}")
         total = sum(s.weight for s in self.specs)
-        return sum(s.weight * scores[s.name] for s in self.specs) / total
+        return sum(s.weight * self.signs[s.name] * scores[s.name] for s in self.specs) / total
 
     def _hflm(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Any:
         """Reuse the HFLM while the model and tokenizer objects are the same (their weights may change)."""
@@ -231,6 +235,14 @@ class FirstPassScores:
     split: Split
     counts: dict[str, int]  # leaf task name -> examples scored
     items: dict[str, list[Any]]  # spec name -> per-example metric values, in example order (leaf tasks)
+
+
+def _higher_is_better(leaves: list[Any], spec: TaskConfig) -> bool:
+    """lm-eval's `higher_is_better` for the spec's metric (from its first leaf task; True when unstated)."""
+    metric = _metric_key(spec)[0]
+    for task in leaves[:1]:
+        return bool(task.higher_is_better().get(metric, True))
+    return True
 
 
 def _metric_key(spec: TaskConfig) -> tuple[str, str]:
