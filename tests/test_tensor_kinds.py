@@ -271,9 +271,8 @@ parameters: {weight: [{value: 0.9}, {filter: attn, value: 0.1}], density: 0.5}  
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ("{weight: [{filter: q_proj, value: 0.5}, {value: 1}]}", r"filter = 'q_proj'; evomerge takes parameters per tensor kind"),
-    ("{weight: [{filter: mlp, value: [0.1, 0.5]}]}", r"expected one number \(no gradients inside filters\)"),
     ("{weight: [{filter: mlp, valu: 0.5}]}", r"key 'valu' is not supported \(did you mean 'value'\?\)"),
+    ("{weight: [{filter: mlp, value: [{value: 1}]}]}", r"a condition's value is a number or a gradient"),
 ])
 def test_unusable_filters_are_refused_in_one_line(params: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
@@ -281,13 +280,28 @@ def test_unusable_filters_are_refused_in_one_line(params: str, message: str) -> 
     assert "\n" not in str(info.value)
 
 
-def test_a_filter_that_misses_the_bases_kind_is_refused_against_its_names(tiny) -> None:
+def test_filters_that_name_no_kind_become_filter_lists_as_mergekit_reads_them() -> None:
+    """Issue 13: q_proj (or o_proj, lm_head, embed_tokens, norms) is a substring filter, as in mergekit."""
+    from evomerge.recipe import Filtered
+
+    recipe = recipe_from_mergekit("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: [{filter: q_proj, value: 0.5}, {value: 1}]}}]")
+    assert recipe.kinds == () and recipe.groups[0]["weight"] == (Filtered((("q_proj", 0.5), (None, 1.0))),)
+    assert recipe.params_for(0, "model.layers.0.self_attn.q_proj.weight")["weight"] == (0.5,)
+    assert recipe.params_for(0, "model.layers.0.self_attn.k_proj.weight")["weight"] == (1.0,)
+
+
+def test_a_filter_that_misses_the_bases_kind_keeps_mergekits_substring_meaning(tiny) -> None:
+    """Without the base's names a kind filter is trusted as a kind; against GPT-2's names `self_attn`
+    selects nothing, so (as in mergekit) every tensor takes the default."""
+    from evomerge.recipe import Filtered
+
     base, sources = tiny["gpt2"]
     text = (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {sources[0]}\n"
             "    parameters: {weight: [{filter: self_attn, value: 0.5}, {value: 1.0}]}\n")
     assert recipe_from_mergekit(text).kinds == ("attention", "other")  # without the base's names: trusted
-    with pytest.raises(ConfigError, match=r"filter 'self_attn' misses 'transformer.h.0.attn.c_attn.\w+', which evomerge counts as attention"):
-        load_mergekit_recipe(text)
+    recipe = load_mergekit_recipe(text)
+    assert recipe.kinds == () and recipe.groups[0]["weight"] == (Filtered((("self_attn", 0.5), (None, 1.0))),)
+    assert recipe.params_for(0, "transformer.h.0.attn.c_attn.weight")["weight"] == (1.0,)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -8,7 +8,14 @@ ones as floats; returns the merged full weights (*S) in fp32.
 Inputs are never written; randomness comes only from `noise` (counter-based uniforms, see `_random`).
 
 The task-vector family is generated from the catalog's `TASK_VECTOR_METHODS` table: one function per
-row, its sparsifier from `SPARSIFY`, then `_mix` (weight, sign election, normalize, lambda_, base).
+row, its sparsifier from `SPARSIFY`, then `_mix` (weight, sign election, normalize, lambda_, base); the
+row's normalize / rescale are the defaults of switches a recipe may set.
+
+mergekit 0.1.5's newer methods (nuslerp, multislerp, karcher, sce, arcee_fusion, nearswap, ram,
+ramplus_tl, passthrough) are kernels on full weights in mergekit's order of operations, computing in
+their inputs' dtype (`FULL_WEIGHT_KERNELS`): the catalog runs them on fp32 inputs, `_mergekit` on inputs
+cast to a mergekit config's dtype. Where every source equals the base, multislerp and karcher return
+the base itself (mergekit divides 0 by 0, resp. rounds the mean of equal directions).
 """
 
 from __future__ import annotations
@@ -179,12 +186,13 @@ SPARSIFY: dict[str, Callable[..., list[Keep | None] | None]] = {
 def _task_vector_method(name: str, row: TaskVectorMethod) -> Callable[..., Tensor]:
     """The tensor function of one `TASK_VECTOR_METHODS` row, named `name`."""
 
-    def method(base: Tensor, deltas: TaskVectors, *, weight: Tensor, lambda_: float, noise: Noise | None = None,
+    def method(base: Tensor, deltas: TaskVectors, *, weight: Tensor, lambda_: float, normalize: bool = row.normalize,
+               rescale: bool = row.rescale, int8_mask: bool = False, noise: Noise | None = None,
                stats: DeltaStats | None = None, out: Tensor | None = None, **sparsifier: Tensor) -> Tensor:
         stats = stats or DeltaStats(deltas)
         keeps = SPARSIFY[row.sparsifier](deltas, stats, noise or Noise(), **sparsifier)
-        scale = rescale_l1(keeps, stats) if row.rescale and keeps is not None else None
-        return _mix(base, deltas, weight, elect_sign=row.elect_sign, normalize=row.normalize, lambda_=lambda_,
+        scale = rescale_l1(keeps, stats) if rescale and keeps is not None else None
+        return _mix(base, deltas, weight, elect_sign=row.elect_sign, normalize=normalize, lambda_=lambda_,
                     keeps=keeps, scale=scale, out=out)
 
     method.__name__ = method.__qualname__ = name
@@ -200,10 +208,17 @@ for _name, _row in TASK_VECTOR_METHODS.items():
 
 
 @attach
-def linear(base: Tensor, deltas: TaskVectors, *, weight: Tensor, noise: Noise | None = None, out: Tensor | None = None) -> Tensor:
+def linear(base: Tensor, deltas: TaskVectors, *, weight: Tensor, normalize: bool = True, noise: Noise | None = None,
+           out: Tensor | None = None) -> Tensor:
     """Weighted average of the source models (model soups, Wortsman et al. 2022), normalized as in
-    mergekit: sum_i w_i x_i / sum_i w_i = base + sum_i w_i d_i / sum_i w_i. The base gets no weight."""
-    return _mix(base, deltas, weight, elect_sign=False, normalize=True, lambda_=1.0, out=out)
+    mergekit: sum_i w_i x_i / sum_i w_i = base + sum_i w_i d_i / sum_i w_i. The base gets no weight.
+    With normalize false (mergekit's switch), the plain weighted sum sum_i w_i x_i = base + sum_i w_i d_i
+    + (sum_i w_i - 1) base."""
+    if normalize:
+        return _mix(base, deltas, weight, elect_sign=False, normalize=True, lambda_=1.0, out=out)
+    summed = _mix(base, deltas, weight, elect_sign=False, normalize=False, lambda_=1.0)
+    merged = check_finite(summed.add_(base.float(), alpha=float(weight.sum()) - 1.0))
+    return merged if out is None else copy_checked(out, merged)
 
 
 @attach
@@ -224,26 +239,35 @@ def slerp(base: Tensor, deltas: TaskVectors, *, t: float, noise: Noise | None = 
 
 
 def _mean_pairwise_cosine(flat: Tensor) -> Tensor:
-    """Mean cosine over all pairs of rows of flat (N, P), each clamped to [-1, 1] (mergekit)."""
-    norms = torch.linalg.vector_norm(flat, dim=1)
+    """Mean cosine over all pairs of models of flat (N, R, P), per row r, each clamped to [-1, 1] (mergekit)."""
+    norms = torch.linalg.vector_norm(flat, dim=-1)  # (N, R)
     cosines = [
-        ((flat[i] * flat[j]).sum() / (norms[i] * norms[j]).clamp_min(STOCK_NORM_EPS)).clamp(-1, 1)
+        ((flat[i] * flat[j]).sum(-1) / (norms[i] * norms[j]).clamp_min(STOCK_NORM_EPS)).clamp(-1, 1)
         for i, j in combinations(range(len(flat)), 2)
     ]
-    return torch.stack(cosines).mean()
+    return torch.stack(cosines).mean(0)
 
 
 @attach
-def model_stock(base: Tensor, deltas: TaskVectors, *, noise: Noise | None = None) -> Tensor:
-    """Model Stock (Jang et al. 2024), per whole tensor as in mergekit (filter_wise false):
-    cos = mean pairwise cosine of the deltas, t = N cos / (1 + (N - 1) cos), merged = base + t * mean(d);
-    keeps the base where 1 + (N - 1) cos is about 0."""
-    flat = deltas.materialize().reshape(len(deltas), -1)  # (N, P)
-    n, cos = len(flat), _mean_pairwise_cosine(flat)
+def model_stock(base: Tensor, deltas: TaskVectors, *, filter_wise: bool = False, noise: Noise | None = None) -> Tensor:
+    """Model Stock (Jang et al. 2024) as in mergekit: cos = mean pairwise cosine of the deltas,
+    t = N cos / (1 + (N - 1) cos), merged = base + t * mean(d); keeps the base where 1 + (N - 1) cos is
+    about 0. Over the whole tensor, or with filter_wise (mergekit's switch) per row (per output filter)."""
+    tv = deltas.materialize()
+    flat = _filters(tv) if filter_wise else tv.reshape(len(tv), 1, -1)  # (N, R, P): R rows of P entries
+    n, cos = len(flat), _mean_pairwise_cosine(flat)  # (R,)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < STOCK_SINGULAR
-    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
-    return base.float() + t * flat.mean(0).view(base.shape)
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))  # (R,)
+    return base.float() + (t.view(-1, 1) * flat.mean(0)).view(base.shape)
+
+
+def _filters(tv: Tensor) -> Tensor:
+    """(N, *S) -> (N, R, P): the rows mergekit's filter_wise Model Stock treats separately (norms over the
+    last dimension; a 0-D or 1-D tensor is one row)."""
+    if tv.dim() <= 2:
+        return tv.reshape(len(tv), 1, -1)
+    return tv.reshape(len(tv), -1, tv.shape[-1])
 
 
 # --- consensus (TALL masks) -------------------------------------------------------------------------
@@ -279,3 +303,262 @@ def consensus(
     masks = tau.abs() >= per_model(tall_lambda, tau) * (tau_mtl - tau).abs()
     keep = masks.sum(0) >= k
     return base.float() + lambda_ * (tau_mtl * keep)
+
+
+# --- methods on full weights (mergekit 0.1.5's newer methods) -----------------------------------------
+# Each is a kernel on full weights that computes in its inputs' dtype, in mergekit's order of operations;
+# the catalog function runs it on fp32 inputs (evomerge's arithmetic), `_mergekit` on inputs cast to a
+# config's dtype (mergekit's). The base is the first input where a method takes one.
+
+
+def _full(deltas: TaskVectors, e: int) -> Tensor:
+    """Source e's full weights in fp32 (from the source, or base + delta for materialised task vectors)."""
+    if deltas.sources is not None:
+        return deltas.sources[e].to(torch.float32)
+    return deltas.base.to(torch.float32) + deltas.deltas[e].to(torch.float32)
+
+
+def _on_fp32(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The catalog function of a full-weight kernel: fp32 base and sources, the result in fp32."""
+
+    def method(base: Tensor, deltas: TaskVectors, *, noise: Noise | None = None, **params) -> Tensor:
+        sources = [_full(deltas, e) for e in range(deltas.n_models)]
+        return kernel(base.to(torch.float32), sources, **_plain(params)).to(torch.float32)
+
+    method.__name__ = method.__qualname__ = kernel.__name__.removesuffix("_kernel")
+    method.__doc__ = kernel.__doc__
+    return method
+
+
+def _plain(params: dict) -> dict:
+    """Per-model values as Python floats (mergekit's kernels take lists)."""
+    return {k: v.tolist() if isinstance(v, Tensor) else v for k, v in params.items()}
+
+
+def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
+    """mergekit `nuslerp`: slerp along the last dim (rows), dim 0 (row_wise) or the flattened tensor."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp_kernel(base: Tensor, sources: list[Tensor], *, weight: list[float], nuslerp_row_wise: bool = False,
+                   nuslerp_flatten: bool = True, use_base: bool = True) -> Tensor:
+    """NuSLERP (mergekit): slerp between two models' task vectors (use_base) or weights, at
+    t = w_1 / (w_0 + w_1) (0.5 when the weights sum to about 0), over the flattened tensor or by rows."""
+    total = sum(weight)
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    if use_base:
+        return base + _nuslerp_pair(t, sources[0] - base, sources[1] - base, nuslerp_row_wise, nuslerp_flatten)
+    return _nuslerp_pair(t, sources[0], sources[1], nuslerp_row_wise, nuslerp_flatten)
+
+
+def multislerp_kernel(base: Tensor, sources: list[Tensor], *, weight: list[float], normalize_weights: bool = True,
+                      eps: float = 1e-8, use_base: bool = True) -> Tensor:
+    """Multi-SLERP (Goddard; mergekit): barycentric interpolation on the hypersphere of the task vectors
+    (use_base) or the weights, through the tangent space at their weighted mean; norms averaged."""
+    if len(sources) == 1:
+        return sources[0]
+    if use_base and all(torch.equal(x, base) for x in sources):
+        return base.clone()  # no task vector to interpolate (mergekit would divide 0 by 0)
+    tensors = torch.stack(sources, dim=0)
+    if use_base:
+        tensors -= base
+    flat = tensors.view(tensors.shape[0], -1)
+    w = torch.tensor(weight, dtype=tensors.dtype, device=tensors.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if tensors.shape[0] != 2:
+            raise FloatingPointError("multislerp: the weighted mean of the task vectors is 0 (antipodal inputs); change the weights")
+        res = (tensors[0] * w[0] + tensors[1] * w[1]).view(tensors.shape[1:])
+        return res + base if use_base else res
+    mean = mean / mean_norm
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent_sum = (tangent * w.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent_sum) + eps
+    result = mean * torch.cos(tangent_norm) + tangent_sum * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(tensors.shape[1:])
+    return result + base if use_base else result
+
+
+def karcher_kernel(base: Tensor, sources: list[Tensor], *, max_iter: float = 10, tol: float = 1e-5) -> Tensor:
+    """Karcher mean (mergekit): the Riemannian mean of the unit directions of the sources, with equal
+    weights, scaled by their mean norm; fixed-point iteration. The base is only the template (mergekit
+    adds base_model to the inputs; an import lists it among the sources)."""
+    tensors = list(sources)
+    if all(torch.equal(x, base) for x in sources):
+        return base.clone()  # the mean of equal inputs is that input (the iteration would round it)
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(x.to(dtype)) for x in tensors]
+    units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return sum(x * 0 for x in tensors)
+    total = sum(alphas[i] for i in valid)
+    weights, dirs = [alphas[i] / total for i in valid], [units[i] for i in valid]
+    mean = torch.zeros_like(dirs[0])
+    for a, u in zip(weights, dirs):
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = dirs[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(int(max_iter)):
+        mean, moved = _karcher_step(mean, weights, dirs, dtype, tol)
+        if not moved:
+            break
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
+def _karcher_step(mean: Tensor, weights: list[float], dirs: list[Tensor], dtype: torch.dtype, tol: float) -> tuple[Tensor, bool]:
+    """One fixed-point step of the Karcher mean: the exponential map of the mean log-map; (mean, moved)."""
+    tangent = torch.zeros_like(mean)
+    for a, u in zip(weights, dirs):
+        dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+        theta = torch.arccos(dot)
+        if theta.item() < tol:
+            continue
+        tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+    norm = torch.linalg.vector_norm(tangent.to(dtype))
+    if norm.item() < tol:
+        return mean, False
+    mean = (torch.cos(norm) * mean + torch.sin(norm) * (tangent / norm)).to(mean.dtype)
+    unit = torch.linalg.vector_norm(mean.to(dtype))
+    return ((mean / unit).to(mean.dtype) if unit.item() > tol else mean), True
+
+
+def sce_kernel(base: Tensor, sources: list[Tensor], *, select_topk: float = 1.0, int8_mask: bool = False) -> Tensor:
+    """SCE (Wan et al. 2024, FuseChat; mergekit): Select the top select_topk entries by variance across
+    models, Calculate per-model weights from the mean squared task vector, Erase entries whose sign
+    disagrees with the elected one; merged = base + sum_i w_i m_i d_i / sum_i w_i m_i."""
+    mask_dtype = torch.int8 if int8_mask else base.dtype
+    tvs = torch.stack([x - base for x in sources], dim=0)
+    if select_topk < 1:
+        tvs = tvs * _sce_select(tvs, select_topk, mask_dtype).unsqueeze(0)
+    erase = sign_mask(tvs, mask_dtype)
+    weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
+    while weights.dim() < tvs.dim():
+        weights = weights.unsqueeze(-1)
+    erased = weights * erase
+    return base + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+def sign_mask(deltas: Tensor, mask_dtype: torch.dtype) -> Tensor:
+    """mergekit get_mask(method="sum"): where each model's sign agrees with the sign of the sum (+ at 0)."""
+    sign = deltas.sign().to(mask_dtype)
+    majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+    return sign == majority
+
+
+def _sce_select(tvs: Tensor, density: float, mask_dtype: torch.dtype) -> Tensor:
+    """mergekit sce_mask: the top density fraction of the entries with nonzero variance across models."""
+    if density <= 0:
+        return torch.zeros_like(tvs[0], dtype=mask_dtype)
+    var = torch.var(tvs, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * density)
+    mask = torch.zeros_like(var, dtype=mask_dtype)
+    if k == 0:
+        return mask
+    _, indices = torch.topk(var.abs().view(-1), k=k, largest=True)
+    mask.view(-1)[indices] = 1
+    return mask
+
+
+def arcee_fusion_kernel(base: Tensor, sources: list[Tensor]) -> Tensor:
+    """Arcee Fusion (mergekit): importance = |d| * KL(softmax(source) || softmax(base)) per row; take
+    the source's entries whose importance reaches median + 1.5 IQR, keep the base's elsewhere.
+
+    Quantile q is the sorted importance at index floor(q (n - 1)), found by selection. mergekit sorts
+    a random sample of 10^6 entries (torch's global RNG) for tensors above 10^6 entries; evomerge uses
+    every entry, so it stays a pure function (the same below 10^6 entries, more exact above)."""
+    model = sources[0]
+    eps = 1e-8
+    p = torch.softmax(model, dim=-1) + eps
+    q = torch.softmax(base, dim=-1) + eps
+    importance = (model - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    q1, median, q3 = (_quantile(importance, f) for f in (0.25, 0.5, 0.75))
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
+    return base + (model - base) * mask
+
+
+def _quantile(values: Tensor, fraction: float) -> Tensor:
+    """sorted(values)[floor(fraction * (n - 1))], without sorting (a selection, in fp32: exact for fp16 / bf16)."""
+    flat = values.reshape(-1)
+    index = int(torch.tensor(fraction) * (flat.numel() - 1))  # fp32 product, as mergekit indexes
+    return torch.kthvalue(flat.to(torch.float32), index + 1).values.to(values.dtype)
+
+
+def nearswap_kernel(base: Tensor, sources: list[Tensor], *, t: float) -> Tensor:
+    """NearSwap (mergekit): take the source where it is within t of the base, interpolating by
+    w = clamp(t / |base - source|, 0, 1): merged = w * source + (1 - w) * base."""
+    b = sources[0]
+    weight = (t / torch.abs(base - b).clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * b + (1 - weight) * base
+
+
+def _ram_vectors(base: Tensor, sources: list[Tensor], epsilon: float) -> tuple[Tensor, ...]:
+    """Flat task vectors, where each is above epsilon, how many models contribute, shared / unique masks."""
+    tv = torch.stack([x - base for x in sources], dim=0).view(len(sources), -1)
+    nonzero = tv.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    return tv, nonzero, counts, counts > 1, counts == 1
+
+
+def ram_kernel(base: Tensor, sources: list[Tensor], *, epsilon: float = 1e-5) -> Tensor:
+    """RAM, Reinforced Agent Merging (mergekit): entries only one model changes (by more than epsilon)
+    are taken whole; entries several change are averaged over those models."""
+    tv, nonzero, counts, shared, unique = _ram_vectors(base, sources, epsilon)
+    tv = tv * nonzero
+    merged = ((tv * unique) + (tv * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
+def ramplus_tl_kernel(base: Tensor, sources: list[Tensor], *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> Tensor:
+    """RAM+ tensor-local (mergekit): RAM with each model's unique entries scaled by
+    1 + r * clamp(shared_i / unique_i, 0, alpha)."""
+    tv, nonzero, counts, shared, unique = _ram_vectors(base, sources, epsilon)
+    rho = (nonzero & shared).sum(dim=1) / (nonzero & unique).sum(dim=1).clamp(min=epsilon)
+    lam = 1 + r * rho.clamp(min=0, max=alpha)
+    tv = tv * nonzero
+    merged = ((tv * unique * lam.unsqueeze(-1)) + (tv * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
+def passthrough_kernel(base: Tensor, sources: list[Tensor], *, scale: list[float] | None = None) -> Tensor:
+    """Passthrough (mergekit): the one source's tensor, times its scale (1: unchanged)."""
+    value = 1.0 if scale is None else scale[0]
+    return sources[0] if value == 1.0 else sources[0] * value
+
+
+FULL_WEIGHT_KERNELS: dict[str, Callable[..., Tensor]] = {
+    "nuslerp": nuslerp_kernel, "multislerp": multislerp_kernel, "karcher": karcher_kernel, "sce": sce_kernel,
+    "arcee_fusion": arcee_fusion_kernel, "nearswap": nearswap_kernel, "ram": ram_kernel,
+    "ramplus_tl": ramplus_tl_kernel, "passthrough": passthrough_kernel,
+}
+
+
+def full_weight_kernel(name: str) -> Callable[..., Tensor]:
+    """The full-weight kernel of method `name` (KeyError for the task-vector family and the older methods)."""
+    return FULL_WEIGHT_KERNELS[name]
+
+
+for _kernel in FULL_WEIGHT_KERNELS.values():
+    attach(_on_fp32(_kernel))

@@ -9,14 +9,27 @@ The task-vector family is one table, `TASK_VECTOR_METHODS`: mergekit's generaliz
     merged = base + lambda_ * sum_i(w_i * m_i * sparse(d_i)) / (normalize ? sum_i(w_i * m_i) : 1)
 
 parameterised by its sparsifier, sign election (m_i: the sign-agreement mask), normalize and the L1
-rescale of the kept entries; mergekit's `normalize` / `rescale` flags are fixed per method to mergekit's
-defaults. Adding a method of this family is one row.
+rescale of the kept entries. Each row gives mergekit's defaults for its `normalize` and `rescale`
+switches; a recipe may set them (mergekit's bio-merge example runs ties with `normalize: false`).
+Adding a method of this family is one row.
 
-Parameter ranges are the valid values and the default search bounds: weight in [-1, 2] (negative
-subtracts a task vector, Ilharco et al.'s negation; above 1 amplifies), linear's weight in [0, 1]
-(it is normalized, so only ratios matter), density in (0, 1], lambda_ in [0, 2], gamma in [0, 0.5],
-epsilon in [0, 0.5), t in [0, 1]. Defaults follow mergekit (density 1, gamma 0.01, epsilon 0.15,
-lambda 1) and 1.0 for weight, which mergekit requires explicitly.
+Parameter ranges are the values a search may take (and the ranges search configs are checked
+against): weight in [-1, 2] (negative subtracts a task vector, Ilharco et al.'s negation; above 1
+amplifies), linear's weight in [0, 1] (it is normalized, so only ratios matter), density in (0, 1],
+lambda_ in [0, 2], gamma in [0, 0.5], epsilon in [0, 0.5), t in [0, 1]. A merge itself accepts the
+wider `limits` where the formula is defined for them (any finite weight, lambda_ or t, as mergekit
+does), so a mergekit config with `weight: 3` runs; `MethodSpec.check` keeps the search ranges.
+Defaults follow mergekit (density 1, gamma 0.01, epsilon 0.15, lambda 1) and 1.0 for weight, which
+mergekit requires explicitly.
+
+mergekit 0.1.5's newer methods keep mergekit's parameter names and defaults, with search ranges where
+they have parameters: nuslerp and multislerp weight (per model), multislerp eps, karcher max_iter in
+[1, 50] and tol, sce select_topk in [0, 1], nearswap t in [0, 0.01] (a distance in weight units; mergekit
+requires it, 1e-4 here), ram / ramplus_tl epsilon in [0, 1e-3] (default 1e-5), ramplus_tl r and alpha in
+[0, 1], passthrough scale in [0, 2].
+
+Switches are mergekit's boolean options (normalize, rescale, filter_wise, int8_mask): 0.0 or 1.0 in a
+recipe, never searched, and not listed among a method's parameters.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ from typing import Any, Literal, TypeAlias
 from evomerge.errors import ConfigError
 
 ParamValue: TypeAlias = Any  # a float, a sequence of floats (one per model), or a tensor of them
-Resolved: TypeAlias = dict[str, float | list[float]]  # per-model -> one float per model
+Resolved: TypeAlias = dict[str, float | list[float] | bool]  # per-model -> one float per model; switches bool
 # A cross-parameter rule: gets resolved values and the model count, returns an error text or None.
 Constraint: TypeAlias = Callable[[Resolved, int], str | None]
 
@@ -51,6 +64,7 @@ class ParamSpec:
     per_model: bool  # True: one value per source model, an (E,) tensor; False: one float
     low_inclusive: bool = True
     high_inclusive: bool = True
+    limits: tuple[float, float] | None = None  # what a merge accepts, when wider than [low, high] (inclusive)
 
     def interval(self) -> str:
         """The valid range in interval notation, e.g. '(0, 1]'."""
@@ -62,6 +76,12 @@ class ParamSpec:
         above = value >= self.low if self.low_inclusive else value > self.low
         below = value <= self.high if self.high_inclusive else value < self.high
         return above and below  # False for NaN
+
+    def accepts(self, value: float, *, strict: bool = True) -> bool:
+        """In the search range (strict), or within the wider `limits` a merge accepts."""
+        if strict or self.limits is None:
+            return self.contains(value)
+        return self.limits[0] <= value <= self.limits[1]  # False for NaN
 
     def fix(self, value: float) -> str:
         """How to bring an out-of-range value back into range."""
@@ -84,6 +104,7 @@ class MethodSpec:
     max_models: int | None = None
     random: bool = False  # draws uniforms from `noise` (dare_*, della*)
     constraints: tuple[Constraint, ...] = ()
+    switches: tuple[Switch, ...] = ()  # mergekit's boolean options (module docstring)
 
     @property
     def uses_stats(self) -> bool:
@@ -102,16 +123,26 @@ class MethodSpec:
                 return p
         raise KeyError(f"{self.name} has no parameter {name!r}")
 
-    def check(self, params: Mapping[str, ParamValue], n_models: int) -> None:
+    def check(self, params: Mapping[str, ParamValue], n_models: int, *, strict: bool = True) -> None:
         """Raise MergeParamError (one line: method, parameter, value, allowed range, fix) on any
-        wrong model count, unknown parameter name, out-of-range value or broken constraint."""
-        self.resolve(params, n_models)
+        wrong model count, unknown parameter name, out-of-range value or broken constraint.
+        strict: values must lie in the search ranges; otherwise in the wider limits a merge accepts."""
+        self.resolve(params, n_models, strict=strict)
 
-    def resolve(self, params: Mapping[str, ParamValue], n_models: int) -> Resolved:
-        """Checked values with defaults filled in: a list of n_models floats for per-model params."""
+    def switch(self, name: str) -> Switch:
+        """The Switch called `name`; KeyError if this method has none."""
+        for s in self.switches:
+            if s.name == name:
+                return s
+        raise KeyError(f"{self.name} has no switch {name!r}")
+
+    def resolve(self, params: Mapping[str, ParamValue], n_models: int, *, strict: bool = False) -> Resolved:
+        """Values checked against what a merge accepts (the limits; strict: the search ranges), with
+        defaults filled in: a list of n_models floats for per-model params, and each switch as a bool."""
         self._check_model_count(n_models)
         self._check_names(params)
-        resolved = {p.name: _resolve_one(self.name, p, params.get(p.name, p.default), n_models) for p in self.params}
+        resolved = {p.name: _resolve_one(self.name, p, params.get(p.name, p.default), n_models, strict) for p in self.params}
+        resolved |= {s.name: _switch_value(self.name, s, params.get(s.name, s.default)) for s in self.switches}
         for constraint in self.constraints:
             if (problem := constraint(resolved, n_models)) is not None:
                 raise MergeParamError(f"{self.name}: {problem}")
@@ -134,9 +165,10 @@ class MethodSpec:
 
     def _check_names(self, params: Mapping[str, ParamValue]) -> None:
         known = [p.name for p in self.params]
+        switches = [s.name for s in self.switches]
         for name in params:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            if name not in known and name not in switches:
+                close = difflib.get_close_matches(name, known + switches, n=3, cutoff=0.5)
                 hint = f" (did you mean: {', '.join(close)}?)" if close else ""
                 takes = ", ".join(known) if known else "no parameters"
                 raise MergeParamError(f"{self.name}: unknown parameter {name!r}{hint}; {self.name} takes: {takes}")
@@ -153,7 +185,22 @@ def _models(count: int | None) -> str:
     return "model" if count == 1 else "models"
 
 
-def _resolve_one(method: str, spec: ParamSpec, value: ParamValue, n_models: int) -> float | list[float]:
+@dataclass(frozen=True)
+class Switch:
+    """A boolean option of a method (mergekit's normalize, rescale, filter_wise, int8_mask): 0 or 1 in a recipe."""
+
+    name: str
+    default: bool
+    effect: bool = True  # False: accepted for mergekit compatibility, changes nothing (int8_mask)
+
+
+def _switch_value(method: str, switch: Switch, value: Any) -> bool:
+    if isinstance(value, bool) or value in (0, 1, 0.0, 1.0):
+        return bool(value)
+    raise MergeParamError(f"{method}: {switch.name} = {value!r}; {switch.name} is a switch: give true or false (1 or 0)")
+
+
+def _resolve_one(method: str, spec: ParamSpec, value: ParamValue, n_models: int, strict: bool = True) -> float | list[float]:
     """One parameter's value as a float (global) or n_models floats (per-model), range-checked."""
     values = _as_floats(method, spec.name, value)
     if isinstance(values, list) and not spec.per_model:
@@ -167,11 +214,14 @@ def _resolve_one(method: str, spec: ParamSpec, value: ParamValue, n_models: int)
             "give one value per model, or one number for all"
         )
     for index, v in enumerate(values if isinstance(values, list) else [values]):
-        if not spec.contains(v):
+        if not spec.accepts(v, strict=strict):
             where = f" for models[{index}]" if isinstance(values, list) else ""
-            raise MergeParamError(
-                f"{method}: {spec.name} = {v!r}{where}; {spec.name} must be in {spec.interval()}; {spec.fix(v)}"
-            )
+            if strict or spec.limits is None:
+                raise MergeParamError(
+                    f"{method}: {spec.name} = {v!r}{where}; {spec.name} must be in {spec.interval()}; {spec.fix(v)}"
+                )
+            low, high = spec.limits
+            raise MergeParamError(f"{method}: {spec.name} = {v!r}{where}; {spec.name} must be in [{low:g}, {high:g}]; use a value inside it")
     if spec.per_model and not isinstance(values, list):
         return [values] * n_models
     return values
@@ -190,11 +240,14 @@ def _as_floats(method: str, name: str, value: ParamValue) -> float | list[float]
 
 # --- the catalog ------------------------------------------------------------------------------------
 
-WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True)
+FINITE = (-1e30, 1e30)  # limits of parameters whose formula takes any finite value
+WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True, limits=FINITE)
 DENSITY = ParamSpec("density", 0.0, 1.0, 1.0, per_model=True, low_inclusive=False)
-LAMBDA = ParamSpec("lambda_", 0.0, 2.0, 1.0, per_model=False)
-GAMMA = ParamSpec("gamma", 0.0, 0.5, 0.01, per_model=True)
+LAMBDA = ParamSpec("lambda_", 0.0, 2.0, 1.0, per_model=False, limits=FINITE)
+GAMMA = ParamSpec("gamma", 0.0, 0.5, 0.01, per_model=True, limits=(0.0, 1.0))
 EPSILON = ParamSpec("epsilon", 0.0, 0.5, 0.15, per_model=True, high_inclusive=False)
+
+RAM_EPSILON = ParamSpec("epsilon", 0.0, 1e-3, 1e-5, per_model=False, limits=(0.0, 1e30))  # RAM: |d| above it counts
 
 Sparsifier = Literal["none", "top_magnitude", "random", "middle_magnitude", "rank_sampled"]
 
@@ -235,8 +288,8 @@ class TaskVectorMethod:
 
     sparsifier: Sparsifier
     elect_sign: bool  # TIES sign election (mergekit consensus "sum")
-    normalize: bool  # divide by the (agreeing) weights' sum
-    rescale: bool  # L1 rescale of the kept entries back to the task vector's norm
+    normalize: bool  # default of the normalize switch: divide by the (agreeing) weights' sum
+    rescale: bool  # default of the rescale switch: L1 rescale of the kept entries back to the task vector's norm
     paper: str  # the docstring of the generated method
 
 
@@ -253,7 +306,7 @@ TASK_VECTOR_METHODS: dict[str, TaskVectorMethod] = {
 
 
 def _weights_not_all_zero(values: Resolved, n_models: int) -> str | None:
-    if sum(values["weight"]) > 0:
+    if sum(values["weight"]) != 0 or not values.get("normalize", True):
         return None
     return (
         f"weight = {values['weight']}; the weights must not all be 0 (linear divides by their sum); "
@@ -272,16 +325,33 @@ def _k_at_most_models(values: Resolved, n_models: int) -> str | None:
 
 def _task_vector_spec(name: str, row: TaskVectorMethod) -> MethodSpec:
     sparsifier = SPARSIFIERS[row.sparsifier]
+    switches = (Switch("normalize", row.normalize), Switch("rescale", row.rescale), Switch("int8_mask", False, effect=False))
     return MethodSpec(name, None, (WEIGHT, *sparsifier.params, LAMBDA), True, random=sparsifier.random,
-                      constraints=sparsifier.constraints)
+                      constraints=sparsifier.constraints, switches=switches)
 
 
 METHODS: dict[str, MethodSpec] = {
     **{name: _task_vector_spec(name, row) for name, row in TASK_VECTOR_METHODS.items()},
-    "linear": MethodSpec("linear", None, (ParamSpec("weight", 0.0, 1.0, 1.0, per_model=True),), True,
-                         constraints=(_weights_not_all_zero,)),
-    "slerp": MethodSpec("slerp", None, (ParamSpec("t", 0.0, 1.0, 0.5, per_model=False),), True, max_models=1),
-    "model_stock": MethodSpec("model_stock", None, (), True, min_models=2),
+    "linear": MethodSpec("linear", None, (ParamSpec("weight", 0.0, 1.0, 1.0, per_model=True, limits=FINITE),), True,
+                         constraints=(_weights_not_all_zero,), switches=(Switch("normalize", True),)),
+    "slerp": MethodSpec("slerp", None, (ParamSpec("t", 0.0, 1.0, 0.5, per_model=False, limits=FINITE),), True, max_models=1),
+    "model_stock": MethodSpec("model_stock", None, (), True, min_models=2, switches=(Switch("filter_wise", False),)),
+    # mergekit 0.1.5's newer methods (mergekit's parameter names; `use_base` false: the base is only the
+    # template, and the method works on the sources' weights, as mergekit does without base_model)
+    "nuslerp": MethodSpec("nuslerp", None, (WEIGHT,), True, min_models=2, max_models=2, switches=(
+        Switch("nuslerp_row_wise", False), Switch("nuslerp_flatten", True), Switch("use_base", True))),
+    "multislerp": MethodSpec("multislerp", None, (WEIGHT, ParamSpec("eps", 0.0, 1e-4, 1e-8, per_model=False, limits=(0.0, 1.0))),
+                             True, switches=(Switch("normalize_weights", True), Switch("use_base", True))),
+    "karcher": MethodSpec("karcher", None, (ParamSpec("max_iter", 1.0, 50.0, 10.0, per_model=False, limits=(0.0, 1e6)),
+                                            ParamSpec("tol", 0.0, 1e-3, 1e-5, per_model=False, limits=(0.0, 1.0))), True),
+    "sce": MethodSpec("sce", None, (ParamSpec("select_topk", 0.0, 1.0, 1.0, per_model=False),), True,
+                      switches=(Switch("int8_mask", False, effect=False),)),
+    "arcee_fusion": MethodSpec("arcee_fusion", None, (), True, max_models=1),
+    "nearswap": MethodSpec("nearswap", None, (ParamSpec("t", 0.0, 0.01, 0.0001, per_model=False, limits=(0.0, 1e30)),), True, max_models=1),
+    "ram": MethodSpec("ram", None, (RAM_EPSILON,), True),
+    "ramplus_tl": MethodSpec("ramplus_tl", None, (ParamSpec("r", 0.0, 1.0, 0.1, per_model=False, limits=FINITE),
+                                                  ParamSpec("alpha", 0.0, 1.0, 0.2, per_model=False, limits=FINITE), RAM_EPSILON), True),
+    "passthrough": MethodSpec("passthrough", None, (ParamSpec("scale", 0.0, 2.0, 1.0, per_model=True, limits=FINITE),), True, max_models=1),
     "consensus": MethodSpec(
         "consensus", None,
         (WEIGHT, ParamSpec("tall_lambda", 0.0, 1.0, 0.4, per_model=True), ParamSpec("k", 0.0, 8.0, 2.0, per_model=False), LAMBDA),

@@ -4,19 +4,25 @@ Both paths that build a merge go through `merge_named`: the worker's in-memory b
 or memory-mapped, weights written into a live model) and the streaming export (tensors read one at a
 time). Sharing it is what makes an exported checkpoint score exactly what its trial scored. Sources
 stay in their checkpoint dtype: the task vectors are formed where a kernel uses them (`merge.TaskVectors`).
+
+A recipe whose values depend on the tensor's name (`recipe.Filtered`, from mergekit filters) is resolved
+here, per tensor, before the method sees it. A recipe with `mergekit_dtype` is merged with mergekit's
+arithmetic (`merge._mergekit`) instead of evomerge's fp32 one. Either way the merged tensor is rounded
+once, to the recipe's output dtype: a float32 output of bf16 sources keeps its fp32 values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from evomerge.dirs import cache_root
-from evomerge.merge import DeltaStats, MethodSpec, Noise, TaskVectors, get_method, merge_tensor, use_kernel_dir
+from evomerge.merge import DeltaStats, MethodSpec, Noise, TaskVectors, all_finite, get_method, merge_tensor, use_kernel_dir
+from evomerge.merge._mergekit import merge_like_mergekit
 from evomerge.models.checkpoints import Checkpoint, TensorInfo, check_mergeable, dtype_of, torch_dtype
 from evomerge.models.layout import LayerGroups, group_of_each, num_layers, tensor_kind
-from evomerge.recipe import Recipe
+from evomerge.recipe import Plain, Recipe
 
 # Compiled merge kernels live in the machine's cache, shared by every process that merges here.
 use_kernel_dir(cache_root() / "kernels")
@@ -85,25 +91,42 @@ def merge_named(
     cache: MergeCache | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The merged tensor `name` in the base's dtype, or written into `out` (a live model's tensor) and
-    returned; bit-identical with or without `cache`, rounded once from fp32 either way.
-    FloatingPointError (naming the tensor) when a merged value is NaN or inf."""
-    if out is not None and out.dtype != base.dtype:  # round to the base's dtype first, as an export does
+    """The merged tensor `name` in the recipe's output dtype (the base's when it is "auto"), or written
+    into `out` (a live model's tensor) and returned; bit-identical with or without `cache`, rounded once
+    from fp32 either way. FloatingPointError (naming the tensor) when a merged value is NaN or inf."""
+    dtype = torch_dtype(recipe.dtype) or base.dtype
+    if out is not None and out.dtype != dtype:  # round to the output dtype first, as an export does
         return out.copy_(merge_named(recipe, spec, name, group, base, deltas, cache=cache))
     noise = tensor_noise(recipe.seed, name) if spec.random else None
-    stats = cache.stats(name, deltas) if cache is not None and spec.uses_stats else None
-    out = torch.empty_like(base) if out is None else out
+    params = recipe.params_for(group, name)
+    out = torch.empty(base.shape, dtype=dtype, device=base.device) if out is None else out
     try:
-        return merge_tensor(spec, base, deltas, recipe.groups[group], noise, stats=stats, out=out)
+        if recipe.mergekit_dtype is not None:
+            return _like_mergekit(recipe, spec, base, deltas, params, noise, out)
+        stats = cache.stats(name, deltas) if cache is not None and spec.uses_stats else None
+        return merge_tensor(spec, base, deltas, params, noise, stats=stats, out=out)
     except FloatingPointError as e:
         raise FloatingPointError(f"merged tensor {name!r}: {e}; the recipe is degenerate") from None
+
+
+def _like_mergekit(recipe: Recipe, spec: MethodSpec, base: torch.Tensor, deltas: TaskVectors | torch.Tensor,
+                   params: Mapping[str, Plain], noise: Noise | None, out: torch.Tensor) -> torch.Tensor:
+    """merge_named with mergekit's arithmetic in `recipe.mergekit_dtype` ("auto": the inputs' promoted dtype)."""
+    if not isinstance(deltas, TaskVectors) or deltas.sources is None:
+        raise ValueError("mergekit arithmetic reads the source tensors: pass TaskVectors(base, sources)")
+    merged = merge_like_mergekit(spec, base, deltas.sources, params, torch_dtype(recipe.mergekit_dtype), noise)
+    out.copy_(merged)
+    if not all_finite(out):
+        raise FloatingPointError("merged values are NaN or inf")
+    return out
 
 
 def check_recipe(recipe: Recipe) -> MethodSpec:
     """The recipe's method, after checking every group's parameters against it (one-line errors)."""
     spec = get_method(recipe.method)
-    for params in recipe.groups:
-        spec.check(params, len(recipe.sources))
+    for slot in range(len(recipe.groups)):
+        for params in recipe.variants(slot):
+            spec.check(params, len(recipe.sources), strict=False)
     return spec
 
 

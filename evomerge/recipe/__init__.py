@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from evomerge.errors import ConfigError
-from evomerge.recipe.parameter import MERGE_KIND, OTHER, SPLIT_KINDS, ParamValue, Recipe, check_kinds, yaml_mapping
+from evomerge.recipe.parameter import MERGE_KIND, OTHER, SPLIT_KINDS, Filtered, ParamValue, Plain, Recipe, check_kinds, yaml_mapping
 from evomerge.recipe.path import PATH_KIND, PathRecipe, Slot
 
 
@@ -56,6 +56,6 @@ def recipe_from_yaml(text: str) -> Recipe | PathRecipe:
 
 
 __all__ = [
-    "MERGE_KIND", "OTHER", "PATH_KIND", "SPLIT_KINDS", "CandidateRecipe", "ParamValue", "PathRecipe", "Recipe",
+    "MERGE_KIND", "OTHER", "PATH_KIND", "SPLIT_KINDS", "CandidateRecipe", "Filtered", "ParamValue", "PathRecipe", "Plain", "Recipe",
     "Slot", "check_kinds", "recipe_from_dict", "recipe_from_yaml", "yaml_mapping",
 ]

@@ -10,6 +10,18 @@ mapping per kind, and `groups` holds them flat, layer group major: `groups[g * l
 kind is always "other": every tensor whose kind is not listed before it (norms, embeddings, head, and
 MLP tensors when only attention is split out). In YAML a split recipe lists `kinds:` and writes each
 group as `{attention: {...}, mlp: {...}, other: {...}}`; a recipe without `kinds` reads and writes as before.
+
+Per tensor name. A value may also be a `Filtered` list, mergekit's conditional parameter: the first
+condition whose filter is a substring of the tensor's name gives the value, and the last condition has
+no filter (every other tensor). In YAML it is mergekit's own spelling, `[{filter: o_proj, value: 0.3},
+{value: 0.5}]`, for one model or for all. Imported mergekit configs use it for filters that are not a
+tensor kind (o_proj, lm_head, embed_tokens, norms) and for tensors whose value differs from their layer
+group's (the final norm and head of a gradient, which mergekit evaluates at the gradient's start).
+
+Arithmetic. `mergekit_dtype` None (the default) is evomerge's arithmetic: fp32 task vectors, one rounding
+to `dtype` at the end. A dtype name asks for mergekit's: inputs cast to that dtype and each method
+computed in it in mergekit's own order (mergekit YAML's `dtype:`; "auto": the inputs' promoted dtype,
+as mergekit does without one), for merges that must equal mergekit's.
 """
 
 from __future__ import annotations
@@ -22,11 +34,40 @@ import yaml
 
 from evomerge.errors import ConfigError, refuse_unknown_keys
 
-ParamValue = float | tuple[float, ...]
+
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """mergekit's conditional parameter: ((filter or None, value), ...); the last condition has no filter."""
+
+    conditions: tuple[tuple[str | None, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.conditions or self.conditions[-1][0] is not None:
+            raise ConfigError(
+                f"recipe error: filter list {self.to_data()}; end it with a condition without filter (the value for every other tensor)"
+            )
+
+    def value_for(self, name: str) -> float:
+        """The value for tensor `name`: the first condition whose filter is in the name."""
+        return next(v for f, v in self.conditions if f is None or f in name)
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        return tuple(v for _, v in self.conditions)
+
+    def to_data(self) -> list[dict[str, Any]]:
+        return [{"value": v} if f is None else {"filter": f, "value": v} for f, v in self.conditions]
+
+
+Value = float | Filtered  # one model's value, or one for all models
+ParamValue = Value | tuple[Value, ...]
+Plain = float | tuple[float, ...]  # a ParamValue for one tensor: filters resolved
 SPLIT_KINDS = ("attention", "mlp")  # kinds that can have their own parameters; "other" takes the rest
 OTHER = "other"
 MERGE_KIND = "merge"  # a stored merge recipe carries no `kind:` key (recipes written before paths existed)
-_KEYS = ("method", "base", "sources", "seed", "dtype", "kinds", "groups")
+_KEYS = ("method", "base", "sources", "seed", "dtype", "kinds", "groups", "mergekit_dtype")
 
 
 @dataclass(frozen=True)
@@ -38,6 +79,7 @@ class Recipe:
     seed: int = 0
     dtype: str = "auto"
     kinds: tuple[str, ...] = ()  # () = one mapping per layer group for every tensor
+    mergekit_dtype: str | None = None  # None: evomerge's arithmetic; else mergekit's, in this dtype (module docstring)
 
     def __post_init__(self) -> None:
         if self.kinds:
@@ -71,6 +113,24 @@ class Recipe:
         k = self.kinds.index(kind) if kind in self.kinds else len(self.kinds) - 1
         return layer_group * len(self.kinds) + k
 
+    @property
+    def filtered(self) -> bool:
+        """Whether some value depends on the tensor's name (a `Filtered` list)."""
+        return any(_has_filter(v) for group in self.groups for v in group.values())
+
+    def params_for(self, slot: int, name: str) -> Mapping[str, Plain]:
+        """The parameters of `groups[slot]` for tensor `name`, filter lists resolved."""
+        group = self.groups[slot]
+        if not any(_has_filter(v) for v in group.values()):
+            return group
+        return {k: _plain(v, name) for k, v in group.items()}
+
+    def variants(self, slot: int) -> list[Mapping[str, Plain]]:
+        """Plain mappings that together take every value of `groups[slot]`'s filter lists (to check ranges)."""
+        group = self.groups[slot]
+        width = max((len(_filters_in(v)[0].conditions) for v in group.values() if _has_filter(v)), default=1)
+        return [{k: _plain_at(v, i) for k, v in group.items()} for i in range(width)]
+
     def layer_group(self, g: int) -> tuple[Mapping[str, ParamValue], ...]:
         """The parameter mappings of layer group `g`, one per kind (one in all when the recipe has no kinds)."""
         width = max(1, len(self.kinds))
@@ -78,6 +138,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "base": self.base, "sources": list(self.sources), "seed": self.seed, "dtype": self.dtype}
+        if self.mergekit_dtype is not None:
+            out["mergekit_dtype"] = self.mergekit_dtype
         if not self.kinds:
             out["groups"] = [_group_to_dict(g) for g in self.groups]
             return out
@@ -103,6 +165,7 @@ class Recipe:
                 seed=int(data.get("seed", 0)),
                 dtype=str(data.get("dtype", "auto")),
                 kinds=kinds,
+                mergekit_dtype=None if data.get("mergekit_dtype") is None else str(data["mergekit_dtype"]),
             )
         except KeyError as exc:
             raise ConfigError(f"recipe error: required key {exc.args[0]!r} is missing") from None
@@ -134,8 +197,39 @@ def check_kinds(kinds: Sequence[str], where: str) -> None:
         )
 
 
+def _has_filter(value: ParamValue) -> bool:
+    return isinstance(value, Filtered) or isinstance(value, tuple) and any(isinstance(v, Filtered) for v in value)
+
+
+def _filters_in(value: ParamValue) -> list[Filtered]:
+    return [v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, Filtered)]
+
+
+def _plain(value: ParamValue, name: str) -> Plain:
+    if isinstance(value, tuple):
+        return tuple(v.value_for(name) if isinstance(v, Filtered) else v for v in value)
+    return value.value_for(name) if isinstance(value, Filtered) else value
+
+
+def _plain_at(value: ParamValue, i: int) -> Plain:
+    """Condition i of each filter list (its last where it has fewer)."""
+    def one(v: Value) -> float:
+        return v.values[min(i, len(v.values) - 1)] if isinstance(v, Filtered) else v
+    return tuple(one(v) for v in value) if isinstance(value, tuple) else one(value)
+
+
+def value_to_data(value: Value) -> Any:
+    """One value as YAML data: a number, or mergekit's list of {filter, value} mappings."""
+    return value.to_data() if isinstance(value, Filtered) else value
+
+
+def value_from_data(data: Any, where: str) -> Value:
+    """`value_to_data` backwards."""
+    return _filtered_from_data(data, where) if _is_condition_list(data) else float(data)
+
+
 def _group_to_dict(group: Mapping[str, ParamValue]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+    return {k: [value_to_data(x) for x in v] if isinstance(v, tuple) else value_to_data(v) for k, v in group.items()}
 
 
 def _groups_from_dict(groups: Any, kinds: tuple[str, ...]) -> tuple[dict[str, ParamValue], ...]:
@@ -153,5 +247,23 @@ def _groups_from_dict(groups: Any, kinds: tuple[str, ...]) -> tuple[dict[str, Pa
 def _group_from_dict(group: Mapping[str, Any]) -> dict[str, ParamValue]:
     out: dict[str, ParamValue] = {}
     for key, value in group.items():
-        out[str(key)] = tuple(float(v) for v in value) if isinstance(value, Sequence) else float(value)
+        if _is_condition_list(value):
+            out[str(key)] = _filtered_from_data(value, str(key))
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            out[str(key)] = tuple(_filtered_from_data(v, str(key)) if _is_condition_list(v) else float(v) for v in value)
+        else:
+            out[str(key)] = float(value)
     return out
+
+
+def _is_condition_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
+def _filtered_from_data(items: Sequence[Mapping[str, Any]], where: str) -> Filtered:
+    conditions = []
+    for item in items:
+        refuse_unknown_keys(item, ("filter", "value"), f"recipe {where}")
+        filt = item.get("filter")
+        conditions.append((None if filt is None else str(filt), float(item["value"])))
+    return Filtered(tuple(conditions))

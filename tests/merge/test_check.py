@@ -24,7 +24,7 @@ def test_unknown_method_suggests_close_names():
     with pytest.raises(MergeParamError) as caught:
         get_method("tie")
     assert str(caught.value) == "unknown merge method 'tie' (did you mean: ties, dare_ties?)"
-    with pytest.raises(MergeParamError, match=r"unknown merge method 'xyzzy'; known methods: breadcrumbs, "):
+    with pytest.raises(MergeParamError, match=r"unknown merge method 'xyzzy'; known methods: arcee_fusion, breadcrumbs, "):
         get_method("xyzzy")
 
 

@@ -71,6 +71,9 @@ class ParameterSpace:
             elif p.name in self.cfg.fixed:
                 value = float(self.cfg.fixed[p.name])
                 out[p.name] = tuple([value] * len(self.labels)) if p.per_model else value
+        for switch in spec.switches:  # mergekit's switches (normalize, rescale, ...) can be fixed, not searched
+            if switch.name in self.cfg.fixed:
+                out[switch.name] = float(self.cfg.fixed[switch.name])
         return out
 
 
@@ -101,9 +104,10 @@ def _method(name: str, n_models: int) -> MethodSpec:
 def _check_params(cfg: ParameterSpaceConfig, specs: Mapping[str, MethodSpec]) -> dict[str, ParamSpec]:
     """Every searched or fixed parameter must belong to a chosen method and stay inside its range."""
     known = {p.name: p for spec in specs.values() for p in spec.params}
+    switches = {s.name for spec in specs.values() for s in spec.switches}
     for section, names in (("params", cfg.params), ("fixed", cfg.fixed)):
         for name in names:
-            if name not in known:
+            if name not in known and not (section == "fixed" and name in switches):
                 raise ConfigError(
                     f"config error: search_space.{section}.{name}: not a parameter of "
                     f"{', '.join(specs)} (parameters: {', '.join(known)})"
@@ -112,6 +116,10 @@ def _check_params(cfg: ParameterSpaceConfig, specs: Mapping[str, MethodSpec]) ->
         _check_in_range(f"search_space.params.{name}.low", bound.low, known[name])
         _check_in_range(f"search_space.params.{name}.high", bound.high, known[name])
     for name, value in cfg.fixed.items():
+        if name in switches:
+            if value not in (0, 1):
+                raise ConfigError(f"config error: search_space.fixed.{name} = {value}; {name} is a switch: give 0 or 1")
+            continue
         _check_in_range(f"search_space.fixed.{name}", value, known[name])
     return known
 
