@@ -110,6 +110,31 @@ class LmEvalScorer:
                 out[spec.name] = _metric(results["results"], spec, first.split)
         return out
 
+    def estimable(self) -> list[str]:
+        """Tasks whose fitness can be estimated from anchor examples: a zero-shot task (not a group)
+        whose metric lm-eval aggregates as a mean of per-example values."""
+        tasks = self._tasks("fitness")
+        return [spec.name for spec in self.specs if self._single_leaf(tasks, spec) is not None
+                and getattr(tasks.leaves[spec.name][0].aggregation()[_metric_key(spec)[0]], "__name__", "") == "mean"]
+
+    def example_values(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
+                       indices: Mapping[str, Sequence[int]] | None = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+        """(per-example metric values of every estimable task, at `indices` (task -> ascending example
+        indices) or at all of its examples; full scores of the other tasks)."""
+        tasks = self._tasks(split)
+        full = self._counts(tasks, 1.0)
+        chosen = set(self.estimable())
+        samples = {}
+        for spec in self.specs:
+            for leaf in tasks.leaves[spec.name]:
+                wanted = indices.get(spec.name) if indices is not None and spec.name in chosen else None
+                samples[leaf.task_name] = list(wanted) if wanted is not None else list(range(full[leaf.task_name]))
+        results = self._evaluate(model, tokenizer, tasks, samples, log_samples=True)
+        values = {name: [float(v) for v in _items(results["samples"][name], spec)]
+                  for spec in self.specs if (name := spec.name) in chosen}
+        others = {spec.name: _metric(results["results"], spec, split) for spec in self.specs if spec.name not in chosen}
+        return values, others
+
     def _tasks(self, split: Split) -> _SplitTasks:
         if split not in SPLITS:
             raise ValueError(f"split = {split!r}; allowed: {', '.join(SPLITS)}")
