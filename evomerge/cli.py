@@ -1,17 +1,36 @@
 """The `evomerge` command line. Heavy imports stay inside the commands, so `--help` is instant.
 
 Every error made on purpose (bad config, missing model, unknown task, ...) prints as one line on stderr
-and exits with code 2, before any expensive work or any write.
+and exits with code 2, before any expensive work or any write. So do the environment's refusals that a
+user fixes outside evomerge (a full disk, a read-only or unreachable storage): one line, exit code 2.
+Ctrl-C and SIGTERM stop cleanly (exit codes 130 and 143); `evomerge resume` continues the study.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, SearchError
+
+# OS errors a user fixes outside evomerge, and how
+_OS_FIXES = {
+    errno.ENOSPC: "free some space, or write elsewhere",
+    errno.EDQUOT: "free some of your quota, or write elsewhere",
+    errno.EFBIG: "the file is larger than this system allows; write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "check the permissions, or use another path",
+    errno.EPERM: "check the permissions, or use another path",
+}
+# what SQLite (through SQLAlchemy and Optuna) says instead of an errno
+_SQLITE_FIXES = {
+    "database or disk is full": "free some space, or move the storage",
+    "attempt to write a readonly database": "make the database and its folder writable, or choose another storage",
+    "unable to open database file": "check that the storage's folder exists and is writable",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,12 +38,35 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("evomerge: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or evomerge.errors.Stopped for SIGTERM
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(f"evomerge: stopped ({name}); completed trials are kept and `evomerge resume` continues a study", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
     except EvomergeError as exc:  # our own one-line errors (config, models, tasks, studies); others re-raise
         print(f"evomerge: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        message = environment_error(exc)
+        if message is None:
+            raise
+        print(f"evomerge: {message}", file=sys.stderr)
+        return 2
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """One line for an error the environment raised (a full disk, a read-only file system, a storage that
+    refuses writes), found in the exception or its causes; None for anything else (a bug: re-raised)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _OS_FIXES:
+            where = f": {seen.filename}" if seen.filename else ""
+            return f"{seen.strerror or os.strerror(seen.errno)}{where}; {_OS_FIXES[seen.errno]}"
+        text = str(seen)
+        for problem, fix in _SQLITE_FIXES.items():
+            if problem in text:
+                return f"storage error: {problem}; {fix}"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--arithmetic", choices=["evomerge", "mergekit"], default="evomerge",
+                   help="for a mergekit YAML: evomerge (default: fp32, rounded once to the output dtype) or mergekit "
+                        "(inputs cast to the YAML's dtype and computed in it, as mergekit-yaml does: its tensors, bit for bit)")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage (trials, notes, recipe artifacts)")
@@ -85,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--artifacts", help="recipe artifact folder (default: next to a sqlite/journal file, or $EVOMERGE_ARTIFACTS)")
     p.set_defaults(func=_cmd_dashboard)
+
+    p = sub.add_parser("delete", help="delete a study (its trials and recipe artifacts) from a storage")
+    p.add_argument("study", help="study name")
+    p.add_argument("--storage", required=True, help="Optuna storage URL of the study")
+    p.add_argument("--yes", action="store_true", help="delete without asking")
+    p.set_defaults(func=_cmd_delete)
 
     p = sub.add_parser("status", help="list studies, or the trials of one study")
     p.add_argument("study", nargs="?", help="study name (omit to list all studies)")
@@ -124,29 +175,52 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary, storage: str) -> None:
+    """The summary lines; a search in which no candidate completed is an error (exit code 2), with no
+    "export it" line."""
     heldout = "" if summary.best_heldout is None else f", held-out {summary.best_heldout:.4f}"
     best = "none" if summary.best_fitness is None else f"trial {summary.best_number}, fitness {summary.best_fitness:.4f}{heldout}"
     pruned = f", {summary.pruned} held back after the first pass" if summary.pruned else ""
     print(f"done: {summary.trials}/{summary.budget} candidates ({summary.failed} failed{pruned}) in {summary.wall_s:.0f}s; best: {best}")
+    if summary.best_fitness is None:
+        raise SearchError(f"no candidate of study {summary.study!r} completed; see why with "
+                          f"`evomerge status --storage {storage} {summary.study}`")
     print(f"export it: evomerge export {summary.study} --storage {storage} --out DIR")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from evomerge.export import check_out_dir, export_trial
+    from evomerge.export.checkpoint import refuse_protected
     from evomerge.study import StudyStore
 
     if args.format == "mergekit":
         return _export_mergekit(args)
-    check_out_dir(args.out, args.force)
+    protect = _study_paths(args.storage)
+    if args.pareto:  # OUT holds one folder per trial: each is checked (and replaced) on its own
+        refuse_protected(args.out, protect)
+        if args.out.exists() and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out}: is a file; with --pareto, give a folder (each trial goes to OUT/trial-N)")
+    else:
+        check_out_dir(args.out, args.force, protect)
     store = StudyStore.open(args.storage, args.study)
     numbers = [t.number for t in store.pareto_front()] if args.pareto else [args.trial]
     for number in numbers:
         out = args.out / f"trial-{number}" if args.pareto else args.out
-        result = export_trial(store, number, out, force=args.force)
+        result = export_trial(store, number, out, force=args.force, protect=protect)
         scores = store.trial(result.trial).user_attrs.get("scores.fitness", {})
         shown = " ".join(f"{k}={v:.3f}" for k, v in scores.items())
         print(f"exported trial {result.trial} ({shown}) to {result.out} ({len(result.files)} weight file(s), recipe.yaml, README.md)")
     return 0
+
+
+def _study_paths(url: str) -> list[Path]:
+    """The files a study lives in (a sqlite or journal file, its artifact folder): never an export's --out."""
+    from evomerge.study import StorageUrl
+    from evomerge.study.dashboard import artifact_dir_for
+
+    storage = StorageUrl.parse(url)
+    if storage.path is None:
+        return []
+    return [storage.path, artifact_dir_for(storage)]
 
 
 def _export_mergekit(args: argparse.Namespace) -> int:
@@ -173,11 +247,45 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if not args.recipe.is_file():
         raise ConfigError(f"recipe {args.recipe}: no such file")
     text = args.recipe.read_text()
-    recipe = load_mergekit_recipe(text) if is_mergekit_config(text) else recipe_from_yaml(text)
+    _check_yaml(text, args.recipe)
+    recipe = load_mergekit_recipe(text, arithmetic=args.arithmetic) if is_mergekit_config(text) else recipe_from_yaml(text)
     check_out_dir(args.out, args.force)
     files = write_recipe_checkpoint(recipe, args.out, card=f"# Merged model\n\nRecipe: `{args.recipe.name}`\n")
     print(f"wrote {args.out} ({len(files)} weight file(s))")
     return 0
+
+
+def _check_yaml(text: str, path: Path) -> None:
+    """A one-line ConfigError, with the line and column, for a recipe file that is not valid YAML."""
+    import yaml
+
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"recipe {path}: malformed YAML{where}: {problem}; fix the file") from None
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    from evomerge.study import StudyStore, delete_study
+    from evomerge.study.storage import redact
+
+    store = StudyStore.open(args.storage, args.study)
+    trials = len(store.study.get_trials(deepcopy=False))
+    if not args.yes and not _confirmed(f"delete study {args.study!r} ({trials} trials) from {redact(args.storage)}?"):
+        raise ConfigError(f"study {args.study!r} not deleted; answer y, or pass --yes to delete without asking")
+    delete_study(store, args.storage)
+    print(f"deleted study {args.study!r} ({trials} trials and its recipe artifacts) from {redact(args.storage)}")
+    return 0
+
+
+def _confirmed(question: str) -> bool:
+    """Ask on the terminal; False (never asked) when stdin is not one, so scripts must pass --yes."""
+    if not sys.stdin.isatty():
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -195,6 +303,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    for flag, value in (("--trials", args.trials), ("--workers", args.workers)):
+        if value is not None and value < 1:  # checked before the zoo is built (the demo would take 0 as "default")
+            raise ConfigError(f"{flag} {value}: give a number >= 1, or leave {flag} out for the demo's default")
     from evomerge.zoo.demo import run_demo
 
     run_demo(args.dir, trials=args.trials, workers=args.workers)

@@ -122,6 +122,18 @@ class ParameterSpaceConfig(_Strict):
             raise ValueError(f"{kinds} lists a kind twice; list each kind once")
         return kinds
 
+    @model_validator(mode="after")
+    def _weights_can_move(self) -> ParameterSpaceConfig:
+        """Weights pinned at 0 make every candidate the base model, and every linear merge a division by a
+        zero weight sum: refuse them here, not after a whole budget of failed trials."""
+        bound = self.params.get("weight")
+        fixed_zero = self.fixed.get("weight") == 0
+        if fixed_zero or (bound is not None and bound.low == bound.high == 0):
+            got = "fixed weight = 0" if fixed_zero else "weight bounds {low: 0, high: 0}"
+            raise ValueError(f"{got} pin every model's weight to 0, so every merge is the base model (linear: a "
+                             "division by a zero weight sum); give weight a range that leaves 0, e.g. {low: 0, high: 1}")
+        return self
+
     @property
     def kinds(self) -> tuple[str, ...]:
         """The recipe's kinds: the split-out kinds in canonical order, then 'other'; () when not split."""

@@ -22,3 +22,16 @@ class ModelError(EvomergeError, ValueError):
 
 class StudyError(EvomergeError, LookupError):
     """A study, trial or storage URL is missing or in the wrong state."""
+
+
+class SearchError(EvomergeError, RuntimeError):
+    """A search that cannot usefully go on: its first candidates all fail the same way."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop asked for from outside (Ctrl-C, or SIGTERM from a cluster scheduler): the controller stops
+    cleanly, as for Ctrl-C (it is a KeyboardInterrupt), and `evomerge resume` continues the study."""
+
+    def __init__(self, signal_name: str = "SIGINT") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -1,4 +1,5 @@
-"""Cluster-grade behaviour with real Ray workers: SIGKILLed controller + resume, dying workers, raising candidates."""
+"""Cluster-grade behaviour with real Ray workers: SIGKILLed or SIGTERMed controller + resume, a second
+controller refused while the first is paused (SIGSTOP), dying workers, raising candidates."""
 
 from __future__ import annotations
 
@@ -141,3 +142,91 @@ def test_dead_workers_and_raising_candidates_do_not_stop_the_search(zoo_llama, t
     assert sum(v is None for v in outcomes.values()) == summary.failed >= 1
     assert len(store.completed()) == 8 - summary.failed  # no completed trial lost
     assert any("replaced it" in line for line in lines)
+
+
+# The same slow controller, through the command line (exit codes and stderr as a user sees them).
+SLOW_CLI = """
+import dataclasses, sys, time
+import evomerge.search
+from evomerge.cli import main
+from evomerge.runtime.worker import CandidateWorker
+
+def evaluate(self, recipe, split="fitness"):
+    time.sleep(0.5)
+    return CandidateWorker.evaluate(self, recipe, split)
+
+slow = type("SlowWorker", (CandidateWorker,), {"evaluate": evaluate})
+prepare = evomerge.search.prepare
+evomerge.search.prepare = lambda cfg, **kw: dataclasses.replace(prepare(cfg, **kw), worker_cls=slow)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_slow_cli(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *argv], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Kill whatever the controller left (its Ray processes), once it has exited or to end a failed test."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_sigterm_stops_cleanly_and_resume_finishes_with_the_same_trials(zoo_llama, straight, tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's preemption) stops like Ctrl-C: one line, exit 143, no native stack dump, no
+    RUNNING trial left; `resume` then finishes the study with the params of an uninterrupted run."""
+    url = storage_url("sqlite", tmp_path)
+    config = zoo_config(zoo_llama, tmp_path, name="termed", **COMMON)
+    proc = start_slow_cli("search", str(config))
+    try:
+        wait_for_completed(url, "termed", 5, timeout_s=240)
+        proc.send_signal(signal.SIGTERM)  # the controller only, as `kill PID` does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("evomerge: stopped (SIGTERM)"), err[-3000:]
+    for crash in ("Fatal Python error", "SIGABRT", "SIGTERM received", "Aborted", "core dumped", "Traceback"):
+        assert crash not in err, err[-3000:]
+    store = StudyStore.open(url, "termed")
+    assert not store.study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    summary = resume_search(store, None, progress=lambda s: None)
+    assert summary.trials == 8
+    assert params_by_candidate(StudyStore.open(url, "termed")) == straight
+
+
+def test_a_second_controller_is_refused_while_the_first_is_paused(zoo_llama, straight, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 14's reproduction: pause a search (SIGSTOP), resume its study, continue the search. The resume
+    is refused naming the search's host, pid and start; the search then finishes its budget alone."""
+    import socket
+
+    import evomerge.search.run
+    from evomerge.cli import main
+
+    monkeypatch.setattr(evomerge.search.run, "start_ray", lambda *a, **k: pytest.fail("the refused resume started Ray"))
+    url = storage_url("sqlite", tmp_path)
+    config = zoo_config(zoo_llama, tmp_path, name="paused", **COMMON)
+    proc = start_slow_cli("search", str(config))
+    try:
+        wait_for_completed(url, "paused", 2, timeout_s=240)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            for argv in (["resume", "paused", "--storage", url], ["delete", "paused", "--storage", url, "--yes"]):
+                capsys.readouterr()
+                assert main(argv) == 2
+                err = capsys.readouterr().err.strip()
+                assert err.count("\n") == 0, err
+                assert f"being run by another controller (host {socket.gethostname()}, pid {proc.pid}, since " in err, err
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "done: 8/8 candidates (0 failed)" in out
+    store = StudyStore.open(url, "paused")
+    assert len(store.study.get_trials()) == 8  # no orphans, no second generation run twice
+    assert params_by_candidate(store) == straight

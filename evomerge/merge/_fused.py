@@ -9,6 +9,9 @@ written directly, so no fp32 copy of the merged tensor is made).
 Registers need the model count fixed, so the kernels are generated per model count E from the
 templates below (one Python module per E, written once into the kernel folder the caller names with
 `use_kernel_dir`, so numba's on-disk cache keeps the compiled code across processes and Ray workers).
+numba's cache checks only the kernel file's own timestamp, yet the compiled code also holds the helpers
+it inlines (`_numba`, with `_random`'s constants) and was built by one numba for one CPU: the module's
+file name hashes all of these (`kernel_key`), so a change to any of them compiles afresh.
 
 The fp32 arithmetic is the eager path's, op for op and in the same order (sums over models left to
 right, lambda_ * mixed before the division, as addcdiv), so the two give equal tensors (only the sign
@@ -28,8 +31,10 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import numba
 import numpy as np
 import torch
+from llvmlite import binding as llvm
 from torch import Tensor
 
 from evomerge.merge._numba import torch_threads
@@ -50,11 +55,12 @@ _MODULE = '''\
 import numba
 import numpy as np
 
-from evomerge.merge._numba import hash_at_most, level, load, store, sub_at
+from evomerge.merge._numba import base_or_zero, hash_at_most, level, load, store
 '''
 
 # rows: tuple of E (N,) sources (fp32, or uint16 = bf16 bits), or fp32 task vectors; sub: the base
-# the sources subtract (None: rows are task vectors); base, out (N,) fp32 or uint16; ranks: tuple
+# again when rows are sources (its entries are loaded once, as `base`), None when rows are task
+# vectors; base, out (N,) fp32 or uint16; ranks: tuple
 # of E (N,) fp32; fp (E, 5) fp32 per-model parameters (columns F_*); keys (E,) uint32 noise stream
 # keys; tops (E,) uint32 the largest hash a uniform keep keeps; offset: the flat index of entry 0
 # (levels are hashed from it); w (E,) fp32 weights; scalars: lambda_, plain divisor, divisor where no
@@ -71,7 +77,8 @@ def {name}(rows, sub, base, out, ranks, fp, keys, tops, offset, w, scalars):
 {setup}
     nonfinite = 0
     for i in numba.prange(len(base)):
-        b = sub_at(sub, i)
+        base_i = load(base, i)
+        b = base_or_zero(sub, base_i)
 {body}
     return nonfinite
 '''
@@ -118,7 +125,7 @@ _PLAIN = "        mixed = {sum_v}\n"
 _PLAIN_DIVISOR = "        divisor = plain_divisor"
 COMBINES = ("sum", "elect", "elect_normalized")  # kernel names: f"{family}_{combine}"
 _FINISH = (
-    "        merged = load(base, i) + lam * mixed / divisor\n"
+    "        merged = base_i + lam * mixed / divisor\n"
     "        nonfinite += merged - merged != zero  # NaN for NaN and inf\n"
     "        store(out, i, merged)"
 )
@@ -161,11 +168,29 @@ def _module_source(n: int) -> str:
     return _MODULE.format(n=n) + "".join(kernels) + bound
 
 
+# modules whose code a generated kernel's compiled form contains (inlined helpers, baked-in constants)
+KERNEL_HELPERS = ("evomerge.merge._numba", "evomerge.merge._random")
+
+
+@functools.cache
+def kernel_key() -> str:
+    """A hash of everything compiled kernels depend on besides their own source: the helpers' sources,
+    numba's version, and the CPU (name and features, or numba's NUMBA_CPU_NAME override)."""
+    digest = hashlib.sha256()
+    for module in KERNEL_HELPERS:
+        digest.update(Path(sys.modules[module].__file__).read_bytes())
+    cpu = numba.config.CPU_NAME or llvm.get_host_cpu_name()
+    features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    digest.update(f"numba {numba.__version__}; cpu {cpu}; {features}".encode())
+    return digest.hexdigest()
+
+
 @functools.cache
 def kernels(n_models: int) -> ModuleType:
-    """The generated kernels for n_models models, written once per machine and imported."""
+    """The generated kernels for n_models models, written once per machine and imported; the file's name
+    hashes the source and `kernel_key()`, so stale compiled code is never picked up."""
     source = _module_source(n_models)
-    name = f"fused_{n_models}_{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    name = f"fused_{n_models}_{hashlib.sha256((source + kernel_key()).encode()).hexdigest()[:16]}"
     path = _kernel_dir() / f"{name}.py"
     if not path.exists():  # write then rename: a process importing it never sees half a file
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -266,7 +291,7 @@ def mix(
     with torch_threads():
         for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
             part = slice(lo, hi)
-            nonfinite += kernel(tuple(r[part] for r in rows), None if sub is None else sub[part], base_array[part], out_array[part],
+            nonfinite += kernel(tuple(r[part] for r in rows), None if sub is None else base_array[part], base_array[part], out_array[part],
                                 tuple(r[part] for r in ranks), fp[s], keys, tops, lo, w, scalars)
     if nonfinite:
         raise FloatingPointError(f"{nonfinite} merged values are NaN or inf")

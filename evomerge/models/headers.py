@@ -1,8 +1,10 @@
 """What a checkpoint holds, read from its headers alone: config, tensor names, shapes and dtypes (no torch).
 
 The controller checks models with this before any worker starts (a missing folder, a truncated file,
-sources that do not fit the base), without loading torch or any weight. `checkpoints.Checkpoint` adds
-the tensor reads on top.
+a shard that the index lists but the folder lacks, sources that do not fit the base), without loading
+torch or any weight. `checkpoints.Checkpoint` adds the tensor reads on top. `nonfinite` counts NaN and
+inf values of one tensor from its bytes (numpy), so the controller can tell a broken checkpoint from a
+degenerate recipe.
 
 A reference is a local folder or a Hub id `org/name[@revision]` resolved through huggingface_hub's
 cache (a cluster downloads; offline, HF_HUB_OFFLINE=1 reads the cache only). Pickled `.bin`
@@ -16,12 +18,17 @@ import collections
 import json
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from evomerge.errors import ModelError
+
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def resolve_model(ref: str) -> Path:
@@ -57,13 +64,18 @@ class CheckpointHeader:
     def open(cls, ref: str, *, allow_pickle: bool = False) -> CheckpointHeader:
         path = resolve_model(ref)
         config = read_config(path, ref)
+        weight_map = read_weight_map(path, ref)
         files = sorted(path.glob("*.safetensors"))
-        if not files:
+        if not files and not weight_map:
             return cls(path, config, *_pickled_index(path, ref, allow_pickle))
         shapes, dtypes, where, spans = {}, {}, {}, {}
         for file in files:
             for name, (dtype, shape, span) in read_safetensors_index(file).items():
                 shapes[name], dtypes[name], where[name], spans[name] = shape, dtype, file, span
+        unlisted = [name for name in weight_map if name not in shapes]
+        if unlisted:
+            raise ModelError(f"model {ref!r}: tensor {unlisted[0]!r} is listed in {INDEX_FILE} (in {weight_map[unlisted[0]]}) "
+                             f"but is in none of the shard files ({len(unlisted)} tensors missing); re-download the checkpoint")
         return cls(path=path, config=config, shapes=shapes, dtypes=dtypes, _files=where, _spans=spans)
 
     @property
@@ -73,6 +85,54 @@ class CheckpointHeader:
     @property
     def pickled(self) -> bool:
         return not self._spans and bool(self.shapes)
+
+    def nonfinite(self, name: str) -> int | None:
+        """How many NaN or inf values tensor `name` holds, read from its file without torch; None when
+        that cannot be told without unpickling (a .bin checkpoint)."""
+        if self.pickled or name not in self._spans:
+            return None
+        layout = _FLOAT_BITS.get(self.dtypes[name])
+        if layout is None:
+            return 0  # integer and bool tensors hold no NaN
+        bits, inf, magnitude = layout
+        start, end = self._spans[name]
+        if end == start:
+            return 0
+        data = np.memmap(self._files[name], dtype=np.uint8, mode="r", offset=start, shape=(end - start,)).view(bits)
+        step = 1 << 24  # entries per pass: bounded temporaries for any tensor size
+        return sum(int(np.count_nonzero((data[i:i + step] & magnitude) >= inf)) for i in range(0, len(data), step))
+
+
+# safetensors float dtypes -> (unsigned view, the bits of +inf (NaN for e4m3, which has no inf), the
+# mask that drops the sign): a value is NaN or inf when its magnitude bits are at least inf's
+_FLOAT_BITS = {
+    "F64": (np.uint64, np.uint64(0x7FF0000000000000), np.uint64(0x7FFFFFFFFFFFFFFF)),
+    "F32": (np.uint32, np.uint32(0x7F800000), np.uint32(0x7FFFFFFF)),
+    "F16": (np.uint16, np.uint16(0x7C00), np.uint16(0x7FFF)),
+    "BF16": (np.uint16, np.uint16(0x7F80), np.uint16(0x7FFF)),
+    "F8_E5M2": (np.uint8, np.uint8(0x7C), np.uint8(0x7F)),
+    "F8_E4M3": (np.uint8, np.uint8(0x7F), np.uint8(0x7F)),
+}
+
+
+def read_weight_map(path: Path, ref: str) -> dict[str, str]:
+    """Tensor name -> shard file from the folder's model.safetensors.index.json ({} without one); a
+    ModelError when the index does not parse or names a shard the folder lacks."""
+    index = path / INDEX_FILE
+    if not index.is_file():
+        return {}
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict):
+        raise ModelError(f"model {ref!r}: {index} is not a safetensors index (no weight_map mapping); re-download it")
+    shards = sorted(set(map(str, weight_map.values())))
+    missing = [shard for shard in shards if not (path / shard).is_file()]
+    if missing:
+        raise ModelError(f"model {ref!r}: shard {missing[0]} is listed in {INDEX_FILE} but missing from {path} "
+                         f"({len(missing)} of {len(shards)} shards missing); re-download the checkpoint")
+    return {str(k): str(v) for k, v in weight_map.items()}
 
 
 def read_safetensors_index(file: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
@@ -98,14 +158,29 @@ def read_safetensors_index(file: Path) -> dict[str, tuple[str, tuple[int, ...], 
                 out[name] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]), (start + int(begin), start + int(end)))
     except (KeyError, TypeError, ValueError):
         raise ModelError(f"{file}: tensor {name!r} has a malformed safetensors header entry; re-save or re-download it") from None
+    _check_length(file, max((end for _, _, (_, end) in out.values()), default=start))
     return out
+
+
+def _check_length(file: Path, data_end: int) -> None:
+    """A file shorter than its header says (an interrupted download or copy) is refused up front."""
+    size = file.stat().st_size
+    if size < data_end:
+        raise ModelError(f"{file}: truncated: its header says the tensor data ends at byte {data_end}, but the file has "
+                         f"{size} bytes; re-download or re-save it")
 
 
 def read_config(path: Path, ref: str) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise ModelError(f"model {ref!r}: {path} has no config.json; is it a Hugging Face checkpoint folder?")
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ModelError(f"model {ref!r}: {file} is not valid JSON ({str(exc).splitlines()[0]}); fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model {ref!r}: {file} holds a {type(config).__name__}, not a JSON object; fix or re-download it")
+    return config
 
 
 def pickled_files(path: Path, ref: str, allow_pickle: bool) -> list[Path]:
@@ -173,14 +248,17 @@ def _pickled_tensors(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def check_mergeable(base: CheckpointHeader, sources: Iterable[tuple[str, CheckpointHeader]]) -> None:
     """Every source must have exactly the base's tensor names and shapes."""
+    sources = list(sources)
+    _refuse_base_lacking(base, sources)
     for label, src in sources:
         missing = [n for n in base.names if n not in src.shapes]
         extra = [n for n in src.names if n not in base.shapes]
         if missing or extra:
             what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which the base lacks"
             count = len(missing) + len(extra)
+            shard = "" if missing else " (if the base is missing a shard file, re-download it)"
             raise ModelError(
-                f"model {label!r} {what} ({count} tensor names differ from the base); "
+                f"model {label!r} {what} ({count} tensor names differ from the base){shard}; "
                 "merge only models fine-tuned from the same base architecture"
             )
         for name in base.names:
@@ -189,3 +267,35 @@ def check_mergeable(base: CheckpointHeader, sources: Iterable[tuple[str, Checkpo
                     f"model {label!r}: tensor {name!r} has shape {list(src.shapes[name])}, "
                     f"the base has {list(base.shapes[name])}; merge only models of the same size"
                 )
+
+
+def _refuse_base_lacking(base: CheckpointHeader, sources: list[tuple[str, CheckpointHeader]]) -> None:
+    """Tensors that two or more sources all have and the base lacks are the base's fault (a shard file
+    missing, most often), not a source's."""
+    if len(sources) < 2:
+        return
+    lacking = set.intersection(*(set(src.shapes) - set(base.shapes) for _, src in sources))
+    if lacking:
+        raise ModelError(f"the base model {base.path} lacks {len(lacking)} tensors that every source has (e.g. "
+                         f"{sorted(lacking)[0]!r}); is one of its shard files missing? re-download it")
+
+
+_NAMED_TENSOR = re.compile(r"tensor '([^']+)'")
+
+
+def broken_checkpoint_message(refs: Iterable[str], failure: str, *, allow_pickle: bool = False) -> str | None:
+    """When a merge failed on NaN or inf (`failure`, its message) because a model holds such values, the
+    one-line message that blames that checkpoint rather than the recipe; None when every model is finite.
+
+    Looks at the tensor the failure names (`tensor 'NAME'`), or at every tensor when it names none."""
+    if not re.search(r"\b(NaN|nan|inf)\b", failure):
+        return None
+    named = _NAMED_TENSOR.search(failure)
+    for ref in refs:
+        header = CheckpointHeader.open(str(ref), allow_pickle=allow_pickle)
+        for name in [named.group(1)] if named else header.names:
+            count = header.nonfinite(name) if name in header.shapes else None
+            if count:
+                return (f"model {ref!r}: tensor {name!r} holds {count} NaN or inf values, so every merge with it fails; "
+                        "the checkpoint is broken, not the recipe: re-save or re-download it")
+    return None

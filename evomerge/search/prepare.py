@@ -1,7 +1,8 @@
 """Everything checked before a search writes its study or starts Ray, in the controller, without torch.
 
-`prepare` reads model headers (not weights), checks that the sources fit the base, builds the search
-space against the merge-method catalog, and looks up the lm-eval tasks; the first problem stops it
+`prepare` checks that the storage can be written, reads model headers (not weights: a truncated file or
+a missing shard shows there), checks that the sources fit the base, builds the search space against the
+merge-method catalog, and loads the lm-eval tasks (their splits and metrics); the first problem stops it
 with a one-line EvomergeError. Trials of other studies named as models (PS+DFS) are exported to local
 checkpoints first, by a child process (`evomerge.export.trial_models`), since building them needs torch.
 """
@@ -41,6 +42,7 @@ def task_specs(cfg: StudyConfig) -> tuple:
 def prepare(cfg: StudyConfig, *, new_study: bool = True) -> Prepared:
     """Check all input; raise an EvomergeError with a one-line message on the first problem."""
     storage = StorageUrl.parse(cfg.storage)
+    storage.check_writable()
     if new_study:
         refuse_existing(storage, cfg.name)
     cfg = materialize_trial_models(cfg)  # PS+DFS: trials of other studies become local checkpoint folders

@@ -7,24 +7,37 @@ task names, the storage URL and study name. The controller process is the study'
 Resume: the optimizer is checkpointed in the study before each generation is asked. `resume` marks
 trials left RUNNING as failed, restores the checkpoint, asks the same generation again (the same
 candidates, since the controller's RNG state is part of the checkpoint), reuses the candidates of that
-generation that already have an outcome, and runs the rest.
+generation that already have an outcome, and runs the rest. A study stopped before its first checkpoint
+(Ctrl-C while workers start) resumes from its start; a finished one returns its summary without Ray.
+
+Reliability: a controller holds the study's lease while it runs (`study.lease`), so a second `search`
+or `resume` of the same study is refused. Ctrl-C and SIGTERM (a scheduler's preemption) stop the same
+clean way: the trials in flight are marked interrupted (resume runs them again), the workers are
+closed, the lease is released. A search whose first 2 x workers evaluations all fail with the same
+error stops with that error instead of spending its budget on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import signal
 import statistics
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from optuna.trial import TrialState
 
-from evomerge.config import OPTUNA_SAMPLERS
-from evomerge.errors import StudyError
+from evomerge.config import OPTUNA_SAMPLERS, StudyConfig
+from evomerge.errors import ConfigError, SearchError, Stopped, StudyError
+from evomerge.models.headers import broken_checkpoint_message
 from evomerge.runtime.messages import CandidateResult, FirstPass, Job, JobFailure
 from evomerge.runtime.pool import DEFAULT_WORKER, WorkerPool, from_queue, start_ray
 from evomerge.search.controllers import Controller, loads, make_controller
@@ -32,6 +45,7 @@ from evomerge.search.prepare import Prepared, prepare
 from evomerge.search.samplers import sampler_for
 from evomerge.search.spaces import decode_unit
 from evomerge.study.dashboard import artifact_dir_for, upload_recipe_artifact, write_study_note
+from evomerge.study.lease import LeaseLostError, refuse_if_held
 from evomerge.study.store import FIRST_PASS_ATTR, MAX_ATTEMPTS, StudyStore, fitness_of
 
 Progress = Callable[[str], None]
@@ -56,31 +70,80 @@ def run_search(prepared: Prepared, progress: Progress = print) -> SearchSummary:
     """Start a new study and search it to its budget."""
     cfg, space = prepared.cfg, prepared.space
     store = StudyStore.create(cfg, {g.name: g.default for g in space.genes}, sampler_for(cfg))
-    write_study_note(store.study, cfg.to_yaml(), cfg.storage, cfg.name)
-    controller = None
-    if cfg.optimizer.kind not in OPTUNA_SAMPLERS:
-        controller = make_controller(cfg.optimizer, np.array([g.to_unit(g.default) for g in space.genes]), cfg.workers.n)
-    return _drive(prepared, store, controller, 0, progress)
+    with store.controlling():
+        write_study_note(store.study, cfg.to_yaml(), cfg.storage, cfg.name)
+        return _drive(prepared, store, _new_controller(prepared), 0, progress)
+
+
+def _new_controller(prepared: Prepared) -> Controller | None:
+    """evomerge's own optimizer at the start of a search (None for Optuna samplers), from the genes' defaults."""
+    cfg, genes = prepared.cfg, prepared.space.genes
+    if cfg.optimizer.kind in OPTUNA_SAMPLERS:
+        return None
+    return make_controller(cfg.optimizer, np.array([g.to_unit(g.default) for g in genes]), cfg.workers.n)
 
 
 def resume_search(store: StudyStore, more_trials: int | None, progress: Progress = print,
                   worker_cls: type | str = DEFAULT_WORKER) -> SearchSummary:
-    """Continue a stopped or killed study from its last optimizer checkpoint."""
+    """Continue a stopped or killed study from its last optimizer checkpoint (from its start when it
+    stopped before the first one). Refused, before anything is written, while another controller runs
+    it; a finished study (budget spent, held-out scored) returns its summary without starting Ray."""
+    if more_trials is not None and more_trials < 1:
+        raise ConfigError(f"--trials {more_trials}: resume evaluates this many more candidates; give a number >= 1, "
+                          "or leave --trials out to finish the stored budget")
+    refuse_if_held(store.study)
     cfg = store.config
-    store.study.sampler = sampler_for(cfg)  # its configured sampler back (samplers are not stored)
-    checkpoint = store.load_controller() if cfg.optimizer.kind not in OPTUNA_SAMPLERS else (0, None)
-    if checkpoint is None:
-        raise StudyError(f"study {store.study.study_name!r} has no optimizer checkpoint; it cannot be resumed")
-    orphans = store.fail_orphans()
-    if orphans:
-        progress(f"resume: marked {len(orphans)} orphaned RUNNING trial(s) as failed: {orphans}; their candidates run again")
+    if more_trials is None and _finished(store, cfg):
+        progress(f"study {cfg.name!r} is finished ({cfg.budget.trials} candidates, held-out scored); nothing to resume "
+                 "(pass --trials N to search N more candidates)")
+        return finished_summary(store, cfg)
     if more_trials is not None:
-        done = len(store.candidate_outcomes())
-        cfg = cfg.with_overrides(**{"budget.trials": done + more_trials})
-        store.update_config(cfg)
-    generation, state = checkpoint
+        cfg = cfg.with_overrides(**{"budget.trials": len(store.candidate_outcomes()) + more_trials})
     prepared = dataclasses.replace(prepare(cfg, new_study=False), worker_cls=worker_cls)
-    return _drive(prepared, store, None if state is None else loads(state), generation, progress)
+    store.study.sampler = sampler_for(cfg)  # its configured sampler back (samplers are not stored)
+    with store.controlling() as lease:
+        if lease.took_over is not None:
+            progress(f"resume: took over the lease of a stopped controller ({lease.took_over.describe()})")
+        orphans = store.fail_orphans()
+        if orphans:
+            progress(f"resume: marked {len(orphans)} orphaned RUNNING trial(s) as failed: {orphans}; their candidates run again")
+        if more_trials is not None:
+            store.update_config(cfg)
+        generation, controller = _restored_controller(store, prepared)
+        return _drive(prepared, store, controller, generation, progress)
+
+
+def _restored_controller(store: StudyStore, prepared: Prepared) -> tuple[int, Controller | None]:
+    """(generation, optimizer) from the last checkpoint; generation 0 and a new optimizer when the study
+    stopped before its first checkpoint (the same seed asks the same candidates)."""
+    checkpoint = store.load_controller() if prepared.cfg.optimizer.kind not in OPTUNA_SAMPLERS else (0, None)
+    if checkpoint is None:
+        return 0, _new_controller(prepared)
+    generation, state = checkpoint
+    return generation, None if state is None else loads(state)
+
+
+def _finished(store: StudyStore, cfg: StudyConfig) -> bool:
+    """Every candidate of the budget has an outcome and the best trials have their held-out scores."""
+    if len(store.candidate_outcomes()) < cfg.budget.trials:
+        return False
+    top = sorted(store.completed(), key=fitness_of, reverse=True)[: cfg.evaluation.heldout_top_k]
+    return all(store.heldout(t.number) is not None for t in top)
+
+
+def finished_summary(store: StudyStore, cfg: StudyConfig) -> SearchSummary:
+    """The summary of a study from what it stores (no search runs)."""
+    outcomes = store.candidate_outcomes()
+    summary = SearchSummary(study=cfg.name, storage=cfg.storage, budget=cfg.budget.trials, trials=len(outcomes),
+                            failed=sum(f is None for f in outcomes.values()), history=store.history())
+    summary.pruned = len(store.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    done = store.completed()
+    if done:
+        best = max(done, key=fitness_of)
+        heldout = store.heldout(best.number)
+        summary.best_number, summary.best_fitness = best.number, fitness_of(best)
+        summary.best_heldout = None if heldout is None else heldout["fitness"]
+    return summary
 
 
 def _drive(prepared: Prepared, store: StudyStore, controller: Controller | None, generation: int, progress: Progress) -> SearchSummary:
@@ -89,21 +152,63 @@ def _drive(prepared: Prepared, store: StudyStore, controller: Controller | None,
     progress(f"study {cfg.name!r} in {cfg.storage}: {len(prepared.space.genes)} genes, {how}, "
              f"budget {cfg.budget.trials} trials, {cfg.workers.n} workers")
     start_ray(cfg.workers.n, cfg.workers.cpus_per_worker)
-    pool = WorkerPool(prepared.setup, cfg.workers.n, cpus=cfg.workers.cpus_per_worker,
-                      gpus=cfg.workers.gpus_per_worker, progress=progress, worker_cls=prepared.worker_cls)
-    store.record_workers([dataclasses.asdict(info) for info in pool.infos])
-    run = SearchRun(prepared, store, controller, pool, progress)
-    started = time.perf_counter()
-    try:
-        if controller is None:
-            run.sampled()
-        else:
-            run.generations(generation)
-        run.score_heldout()
-    finally:
-        pool.close()
+    with _sigterm_stops():  # after ray.init, which installs a SIGTERM handler of its own
+        pool = None
+        try:
+            pool = WorkerPool(prepared.setup, cfg.workers.n, cpus=cfg.workers.cpus_per_worker,
+                              gpus=cfg.workers.gpus_per_worker, progress=progress, worker_cls=prepared.worker_cls)
+            store.record_workers([dataclasses.asdict(info) for info in pool.infos])
+            run = SearchRun(prepared, store, controller, pool, progress)
+            started = time.perf_counter()
+            if controller is None:
+                run.sampled()
+            else:
+                run.generations(generation)
+            run.score_heldout()
+        except BaseException as exc:
+            _abandon_running(store, exc, progress)
+            raise
+        finally:
+            if pool is not None:
+                pool.close()
     run.summary.wall_s = time.perf_counter() - started
     return run.summary
+
+
+def _abandon_running(store: StudyStore, error: BaseException, progress: Progress) -> None:
+    """A stopping controller marks the trials it started and could not finish as interrupted (resume
+    runs them again), unless its lease was taken over: then it writes nothing more."""
+    if isinstance(error, LeaseLostError):
+        return
+    why = error.signal_name if isinstance(error, Stopped) else "Ctrl-C" if isinstance(error, KeyboardInterrupt) \
+        else f"{type(error).__name__}: {str(error).strip()[:200]}"
+    try:
+        numbers = store.abandon_running(why)
+    except Exception as exc:  # noqa: BLE001 -- noted on the error that stopped the search, which propagates
+        error.add_note(f"trials in flight were left RUNNING ({type(exc).__name__}: {exc}); resume marks them as orphans")
+        return
+    if numbers:
+        progress(f"stopping: marked {len(numbers)} unfinished trial(s) as interrupted: {numbers}; `evomerge resume` runs them again")
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM (a cluster scheduler's preemption) stops the search as Ctrl-C does: a `Stopped` raised in
+    the controller's main thread, so the same cleanup runs (Ray's own handler exits abruptly instead).
+    A second SIGTERM during that cleanup is ignored; the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -132,6 +237,7 @@ class SearchRun:
         self.first_passes = store.first_passes()  # (generation, candidate) -> first-pass fitness
         self.artifact_dir = _artifact_dir(self.cfg.storage, progress)
         self.summary = SearchSummary(study=self.cfg.name, storage=self.cfg.storage, budget=self.cfg.budget.trials)
+        self._first_failures: list[str] | None = []  # this run's failure reasons until a candidate succeeds
         self._note_previous()
 
     def _note_previous(self) -> None:
@@ -289,10 +395,23 @@ class SearchRun:
             self.summary.failed += 1
         what = "retrying once" if retry else "giving up; the optimizer sees it as failed"
         self.progress(f"[{self.summary.trials}/{self.summary.budget}] trial {number} FAILED ({what}): {failure.reason}")
+        self._stop_if_hopeless(failure.reason)
         return retry
+
+    def _stop_if_hopeless(self, reason: str) -> None:
+        """A search whose first 2 x workers evaluations all fail with the same error (numbers aside) stops
+        with that error: every later candidate would fail the same way (a NaN in a checkpoint, a metric the
+        task does not report, an out-of-memory at any recipe). One success disarms this for the run."""
+        if self._first_failures is None:
+            return
+        self._first_failures.append(re.sub(r"\d+(\.\d+)?", "#", reason))
+        n = 2 * self.cfg.workers.n
+        if len(self._first_failures) == n and len(set(self._first_failures)) == 1:
+            raise SearchError(_hopeless_message(self.cfg, reason, n))
 
     def _completed(self, job: Job, result: CandidateResult) -> None:
         generation, index, number = job.generation, job.candidate, job.trial
+        self._first_failures = None
         objectives = None
         if self.cfg.optimizer.objectives == "per_task":
             objectives = [result.scores[t.name] for t in self.cfg.evaluation.tasks]
@@ -349,6 +468,17 @@ class SearchRun:
                 self.summary.best_heldout = outcome.fitness
             tasks = " ".join(f"{k}={v:.3f}" for k, v in outcome.scores.items())
             self.progress(f"held-out: trial {job.trial}: {outcome.fitness:.4f} ({tasks})")
+
+
+def _hopeless_message(cfg: StudyConfig, reason: str, n: int) -> str:
+    """The one line a hopeless search stops with: the broken checkpoint when a NaN or inf in one made
+    every merge fail, else the shared error."""
+    models = (cfg.models.base, *cfg.models.sources)
+    broken = broken_checkpoint_message([str(m) for m in models], reason, allow_pickle=cfg.models.allow_pickle)
+    if broken is not None:
+        return broken
+    return (f"the first {n} candidates all failed with the same error, so every candidate would: {reason}; fix that, "
+            f"then continue with `evomerge resume {cfg.name} --storage URL`, or remove the study with `evomerge delete`")
 
 
 def _artifact_dir(storage: str, progress: Progress) -> Path | None:

@@ -65,6 +65,22 @@ def upload_recipe_artifact(
             return upload_artifact(artifact_store=store, file_path=os.fspath(path), study_or_trial=study, mimetype="text/yaml")
 
 
+def remove_recipe_artifacts(study: optuna.Study, artifact_dir: Path) -> int:
+    """Delete the artifact files of the study and of each of its trials from `artifact_dir` (before
+    the study itself is deleted); returns how many were removed."""
+    from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+
+    if not Path(artifact_dir).is_dir():
+        return 0
+    store = FileSystemArtifactStore(os.fspath(artifact_dir))
+    owners = [study, *study.get_trials(deepcopy=False)]
+    metas = [meta for owner in owners for meta in get_all_artifact_meta(owner, storage=study._storage)]
+    for meta in metas:
+        if (Path(artifact_dir) / meta.artifact_id).exists():
+            store.remove(meta.artifact_id)
+    return len(metas)
+
+
 def _trial_ids(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial | int) -> tuple[int, int]:
     """(number, storage trial id) of a trial given as a Trial, a FrozenTrial or a trial number."""
     if isinstance(trial, int):
@@ -122,7 +138,11 @@ def run_dashboard(storage_url: str, *, host: str = "127.0.0.1", port: int = 8080
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
-    storage = StorageUrl.parse(storage_url).optuna()
+    url = StorageUrl.parse(storage_url)
+    if not url.exists():  # opening it would create an empty storage file (and an artifact folder beside it)
+        raise StudyError(f"storage {url.redacted}: no such file; pass the storage of an existing study "
+                         "(`evomerge search` writes it)")
+    storage = url.optuna()
     try:
         folder = artifact_dir_for(storage_url, artifact_dir)
     except StudyError:

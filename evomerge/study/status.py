@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from evomerge.study.lease import live_holder
 from evomerge.study.storage import StorageUrl
 from evomerge.study.store import StudyStore, fitness_of
 
@@ -20,10 +21,18 @@ def studies_table(url: str) -> str:
         trials = study.get_trials(deepcopy=False)
         count = {s: sum(t.state == s for t in trials) for s in TrialState}
         best = max((fitness_of(t) for t in trials if t.state == TrialState.COMPLETE), default=None)
-        state = "running or stopped mid-run" if count[TrialState.RUNNING] else "idle"
+        state = _state(study, count[TrialState.RUNNING])
         rows.append((summary.study_name, str(count[TrialState.COMPLETE]), str(count[TrialState.PRUNED]), str(count[TrialState.FAIL]),
                      str(count[TrialState.RUNNING]), "-" if best is None else f"{best:.4f}", state))
     return _table(rows) if len(rows) > 1 else f"no studies in {storage.redacted}"
+
+
+def _state(study: optuna.Study, running: int) -> str:
+    """Running (a controller holds the study's lease), stopped mid-run (RUNNING trials, no controller), or idle."""
+    holder = live_holder(study)
+    if holder is not None:
+        return f"running ({holder.host}, pid {holder.pid})"
+    return "stopped mid-run" if running else "idle"
 
 
 def trials_table(storage: str, name: str) -> str:

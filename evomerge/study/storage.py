@@ -3,10 +3,16 @@
     sqlite:///FILE.db            one file, one writer (the default)
     postgresql://USER:PASS@HOST/DB   (also postgresql+psycopg:// and postgresql+psycopg2://) for clusters
     journal:///FILE.log          Optuna's journal file
+
+Opening a storage never creates it by accident: commands that only read (status, export, resume's
+checks) see a missing file as "no studies", and `check_writable` refuses a location a search could
+not write (a missing or read-only folder, a read-only file) before anything is written. A server or
+file that cannot be opened is a one-line StudyError, never a driver traceback.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,7 @@ _PREFIXES: tuple[tuple[str, Scheme], ...] = (
     ("journal:///", "journal"),
 )
 SUPPORTED = "sqlite:///FILE.db (default), postgresql://USER:PASSWORD@HOST/DB, or journal:///FILE.log"
+CONNECT_TIMEOUT_S = 10  # an unreachable database server fails in seconds, not after TCP's minutes
 
 
 @dataclass(frozen=True)
@@ -64,19 +71,64 @@ class StorageUrl:
     def redacted(self) -> str:
         return redact(self.url)
 
-    def optuna(self) -> str | optuna.storages.BaseStorage:
-        """What Optuna takes: the URL itself for databases, a JournalStorage for journal files."""
-        if self.scheme == "journal":
-            import optuna
-            from optuna.storages.journal import JournalFileBackend
+    def check_writable(self) -> None:
+        """A one-line StudyError when a search could not write here: the file's folder is missing or
+        read-only, or the file is read-only (SQLite also writes a journal file beside the database)."""
+        if self.path is None:
+            return
+        folder = self.path.parent.resolve()
+        if not folder.is_dir():
+            raise StudyError(f"storage {self.redacted}: folder {folder} does not exist; create it (mkdir -p {folder}) "
+                             "or choose another storage path")
+        if not _writable(folder):
+            raise StudyError(f"storage {self.redacted}: folder {folder} is not writable; make it writable or choose "
+                             "another storage path")
+        if self.path.exists() and not (self.path.is_file() and _writable(self.path)):
+            what = "is not a file" if not self.path.is_file() else "is read-only"
+            raise StudyError(f"storage {self.redacted}: {self.path} {what}; choose another storage path")
 
-            return optuna.storages.JournalStorage(JournalFileBackend(str(self.path)))
-        return self.url
+    def optuna(self) -> optuna.storages.BaseStorage:
+        """What Optuna takes: an RDBStorage for databases, a JournalStorage for journal files, connected
+        now, so an unreachable server or an unopenable file is a one-line StudyError here."""
+        import optuna
+        import sqlalchemy.exc
+
+        try:
+            if self.scheme == "journal":
+                from optuna.storages.journal import JournalFileBackend
+
+                return optuna.storages.JournalStorage(JournalFileBackend(str(self.path)))
+            kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if self.scheme == "postgresql" else {}
+            return optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
+        except (ImportError, ValueError, OSError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            raise StudyError(f"storage {self.redacted}: cannot open it ({self.hide_password(first_line(exc))}); "
+                             f"{self._open_hint()}") from None
+
+    def _open_hint(self) -> str:
+        if self.scheme == "postgresql":
+            return "check the URL (postgresql://USER:PASSWORD@HOST[:PORT]/DB), that the server is up and reachable, and the credentials"
+        return "check that the file is a study storage of this kind and that its folder exists and is readable"
+
+    def hide_password(self, text: str) -> str:
+        """`text` with this URL's password, if any, replaced by `***` (driver messages may repeat it)."""
+        match = re.match(r"^[a-z0-9+]+://[^:/@]+:([^@]*)@", self.url)
+        return text.replace(match.group(1), "***") if match and match.group(1) else text
 
 
-def optuna_storage(url: str | StorageUrl) -> str | optuna.storages.BaseStorage:
+def optuna_storage(url: str | StorageUrl) -> optuna.storages.BaseStorage:
     """What Optuna takes for a URL (see `StorageUrl.optuna`)."""
     return StorageUrl.parse(url).optuna()
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line without a driver's "(module.Error)" prefix: enough to act on."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return re.sub(r"^\([\w.]+\) ", "", text)[:300]
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)
 
 
 def redact(url: str) -> str:

@@ -6,6 +6,11 @@ recipe and per-task fitness scores are user attributes. The study keeps the full
 export and status need only the storage URL and the study name. Held-out scores are computed after a
 trial has finished, and Optuna forbids changing finished trials, so they live in study user attributes
 (`heldout.<trial number>`).
+
+One controller at a time writes a study: it holds the study's lease (`controlling`, see `study.lease`),
+and every write first checks that it still does. A controller that stops (Ctrl-C, SIGTERM, an error)
+marks the trials it started and could not finish as interrupted; like the orphans a killed controller
+leaves, they are not outcomes, and resume runs their candidates again.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import base64
 import json
 import logging
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
@@ -24,6 +29,7 @@ import yaml
 from evomerge.config import StudyConfig, parse_config
 from evomerge.errors import StudyError
 from evomerge.recipe import PathRecipe, Recipe, recipe_from_dict
+from evomerge.study.lease import ControllerLease, refuse_if_held
 from evomerge.study.storage import StorageUrl
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -37,13 +43,16 @@ HISTORY_PREFIX = "history.g"  # per generation: best, median, sigma, failures
 WORKERS_ATTR = "workers"  # each worker's start-up time and resident memory
 FIRST_PASS_ATTR = "first_pass_fitness"
 MAX_ATTEMPTS = 2  # a failed candidate is retried once, then told to the optimizer as failed
+ORPHANED = "orphaned"  # fail reasons that are no outcome of their candidate: it runs again on resume
+INTERRUPTED = "interrupted"
 
 
-def study_names(url: str | StorageUrl) -> list[str]:
+def study_names(url: str | StorageUrl, backend: optuna.storages.BaseStorage | None = None) -> list[str]:
+    """The studies in a storage (none for a file that does not exist: it is not created)."""
     storage = StorageUrl.parse(url)
     if not storage.exists():
         return []
-    return [s.study_name for s in optuna.get_all_study_summaries(storage=storage.optuna())]
+    return [s.study_name for s in optuna.get_all_study_summaries(storage=backend or storage.optuna())]
 
 
 def refuse_existing(url: str | StorageUrl, name: str) -> None:
@@ -52,9 +61,28 @@ def refuse_existing(url: str | StorageUrl, name: str) -> None:
     if name in study_names(storage):
         raise StudyError(
             f"study {name!r} already exists in {storage.redacted}; pass --study NEW_NAME, continue it with "
-            f"`evomerge resume {name} --storage {storage.redacted}`, or look at it with `evomerge status --storage "
-            f"{storage.redacted} {name}`"
+            f"`evomerge resume {name} --storage {storage.redacted}`, look at it with `evomerge status --storage "
+            f"{storage.redacted} {name}`, or delete it with `evomerge delete {name} --storage {storage.redacted}`"
         )
+
+
+def delete_study(store: StudyStore, url: str | StorageUrl) -> int:
+    """Delete a study opened from `url`, and its recipe artifacts (refused while a controller runs it);
+    returns the number of trials deleted with it."""
+    from evomerge.study.dashboard import artifact_dir_for, remove_recipe_artifacts
+
+    refuse_if_held(store.study)
+    storage = StorageUrl.parse(url)
+    storage.check_writable()
+    try:
+        folder = artifact_dir_for(storage)
+    except StudyError:  # a database without an artifact folder: no artifacts to find
+        folder = None
+    if folder is not None:
+        remove_recipe_artifacts(store.study, folder)
+    trials = len(store.study.get_trials(deepcopy=False))
+    optuna.delete_study(study_name=store.study.study_name, storage=store.study._storage)
+    return trials
 
 
 def fitness_of(trial: optuna.trial.FrozenTrial) -> float:
@@ -68,16 +96,22 @@ class StudyStore:
     def __init__(self, study: optuna.Study) -> None:
         self.study = study
         self._running: dict[int, optuna.Trial] = {}
+        self._lease: ControllerLease | None = None
 
     @classmethod
     def create(cls, cfg: StudyConfig, genes: Mapping[str, Any], sampler: optuna.samplers.BaseSampler | None = None) -> StudyStore:
         """A new study for `cfg`; `sampler` proposes trials (the controller's; default: one that replays
         enqueued params, which is all evomerge's own controllers need)."""
         storage = StorageUrl.parse(cfg.storage)
+        storage.check_writable()
         refuse_existing(storage, cfg.name)
         directions = ["maximize"] * (len(cfg.evaluation.tasks) if cfg.optimizer.objectives == "per_task" else 1)
-        study = optuna.create_study(storage=storage.optuna(), study_name=cfg.name, directions=directions,
-                                    sampler=sampler or optuna.samplers.RandomSampler(seed=cfg.optimizer.seed))
+        try:
+            study = optuna.create_study(storage=storage.optuna(), study_name=cfg.name, directions=directions,
+                                        sampler=sampler or optuna.samplers.RandomSampler(seed=cfg.optimizer.seed))
+        except optuna.exceptions.DuplicatedStudyError:  # created by another process since refuse_existing
+            refuse_existing(storage, cfg.name)
+            raise
         study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())
         study.set_user_attr("evomerge.genes", list(genes))
         return cls(study)
@@ -85,14 +119,37 @@ class StudyStore:
     @classmethod
     def open(cls, url: str | StorageUrl, name: str | None) -> StudyStore:
         storage = StorageUrl.parse(url)
-        names = study_names(storage)
+        backend = storage.optuna() if storage.exists() else None
+        names = study_names(storage, backend)
         if name is None:
             if len(names) != 1:
                 raise StudyError(f"storage {storage.redacted} holds {len(names)} studies ({', '.join(names) or 'none'}); name one")
             name = names[0]
         if name not in names:
             raise StudyError(f"study {name!r} not found in {storage.redacted} (studies there: {', '.join(names) or 'none'})")
-        return cls(optuna.load_study(study_name=name, storage=storage.optuna()))
+        return cls(optuna.load_study(study_name=name, storage=backend))
+
+    @contextmanager
+    def controlling(self, ttl_s: float | None = None) -> Iterator[ControllerLease]:
+        """Hold the study's controller lease for the block: a LeaseHeldError (naming the holder) while
+        another controller runs the study; inside, every write checks the lease is still held."""
+        lease = ControllerLease(self.study, ttl_s)
+        lease.acquire()
+        self._lease = lease
+        try:
+            yield lease
+        except BaseException as exc:
+            _release_after(lease, exc)
+            raise
+        else:
+            lease.release()
+        finally:
+            self._lease = None
+
+    def _guard(self) -> None:
+        """Before every write: the lease, when one is held, must still be ours (LeaseLostError otherwise)."""
+        if self._lease is not None:
+            self._lease.check()
 
     @property
     def config(self) -> StudyConfig:
@@ -104,6 +161,7 @@ class StudyStore:
     def start_trial(self, params: Mapping[str, Any] | None, distributions: Mapping[str, Any], attrs: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """A RUNNING trial holding exactly `params` (or, when None, params the study's sampler proposes);
         returns its number and params."""
+        self._guard()
         if params is not None:
             self.study.enqueue_trial(dict(params), user_attrs=dict(attrs))
         trial = self.study.ask(fixed_distributions=dict(distributions))
@@ -114,6 +172,7 @@ class StudyStore:
         return trial.number, dict(trial.params)
 
     def set_recipe(self, number: int, recipe: dict[str, Any]) -> None:
+        self._guard()
         self._running[number].set_user_attr("recipe", recipe)
 
     def finish_trial(self, number: int, fitness: float, attrs: Mapping[str, Any], objectives: list[float] | None = None) -> bool:
@@ -136,7 +195,17 @@ class StudyStore:
     def fail_trial(self, number: int, reason: str) -> bool:
         return self._close(number, {"fail_reason": reason}, state=optuna.trial.TrialState.FAIL)
 
+    def abandon_running(self, why: str) -> list[int]:
+        """Fail the trials this controller started and could not finish (it is stopping: `why`); they are
+        no outcome of their candidates, which resume runs again. Returns their numbers."""
+        numbers = sorted(self._running)
+        for number in numbers:
+            self.fail_trial(number, f"{INTERRUPTED}: the search stopped ({why}) before this trial finished; "
+                                    "`evomerge resume` runs it again")
+        return numbers
+
     def _close(self, number: int, attrs: dict[str, Any], **outcome: Any) -> bool:
+        self._guard()
         trial = self._running.pop(number)
         try:
             for key, value in attrs.items():
@@ -150,6 +219,7 @@ class StudyStore:
         """Checkpoint the optimizer as it is before asking `generation`: one attribute holding the
         compressed state, then the header that points at it (written last, so a controller killed
         mid-checkpoint leaves the previous checkpoint whole); the superseded state is blanked."""
+        self._guard()
         key = f"{CONTROLLER_ATTR}.g{generation}"
         self.study.set_user_attr(key, base64.b64encode(zlib.compress(state, 6)).decode())
         previous = self.study.user_attrs.get(CONTROLLER_ATTR)
@@ -171,6 +241,7 @@ class StudyStore:
 
     def record_generation(self, row: Mapping[str, Any]) -> None:
         """One generation's summary (best, median, sigma, failures), shown with the study's attributes."""
+        self._guard()
         self.study.set_user_attr(f"{HISTORY_PREFIX}{row['generation']}", dict(row))
 
     def history(self) -> list[dict[str, Any]]:
@@ -179,14 +250,16 @@ class StudyStore:
 
     def record_workers(self, workers: list[Mapping[str, Any]]) -> None:
         """Each worker's host:pid, device, start-up seconds and resident bytes (the latest start)."""
+        self._guard()
         self.study.set_user_attr(WORKERS_ATTR, [dict(w) for w in workers])
 
     def fail_orphans(self) -> list[int]:
         """Mark RUNNING trials (left by a stopped or killed controller) FAIL; returns their numbers."""
+        self._guard()
         orphans = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         for frozen in orphans:
             self._running[frozen.number] = optuna.Trial(self.study, frozen._trial_id)
-            self.fail_trial(frozen.number, "orphaned: the controller stopped before this trial finished")
+            self.fail_trial(frozen.number, f"{ORPHANED}: the controller stopped before this trial finished")
         return [t.number for t in orphans]
 
     def candidate_outcomes(self) -> dict[tuple[int, int], float | None]:
@@ -200,7 +273,7 @@ class StudyStore:
             if t.state == optuna.trial.TrialState.COMPLETE or (t.state == optuna.trial.TrialState.PRUNED and "fitness" in t.user_attrs):
                 out[key] = fitness_of(t)
             elif t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("attempt", 0) >= MAX_ATTEMPTS - 1 \
-                    and key not in out and not str(t.user_attrs.get("fail_reason", "")).startswith("orphaned"):
+                    and key not in out and not str(t.user_attrs.get("fail_reason", "")).startswith((ORPHANED, INTERRUPTED)):
                 out[key] = None
         return out
 
@@ -210,9 +283,11 @@ class StudyStore:
                 for t in self.study.get_trials(deepcopy=False) if FIRST_PASS_ATTR in t.user_attrs}
 
     def update_config(self, cfg: StudyConfig) -> None:
+        self._guard()
         self.study.set_user_attr(CONFIG_ATTR, cfg.to_yaml())
 
     def set_heldout(self, number: int, scores: Mapping[str, float], fitness: float) -> None:
+        self._guard()
         self.study.set_user_attr(f"{HELDOUT_PREFIX}{number}", {"scores": dict(scores), "fitness": fitness})
 
     def heldout(self, number: int) -> dict[str, Any] | None:
@@ -248,3 +323,12 @@ class StudyStore:
         if data is None:
             raise StudyError(f"trial {trial.number} has no recipe (state {trial.state.name})")
         return recipe_from_dict(json.loads(data) if isinstance(data, str) else data)
+
+
+def _release_after(lease: ControllerLease, error: BaseException) -> None:
+    """Release the lease while `error` propagates; a failure to release is noted on `error`, not raised
+    in its place (a full disk that stopped the search may stop the release too)."""
+    try:
+        lease.release()
+    except Exception as exc:  # noqa: BLE001 -- kept as a note on the error that is being raised
+        error.add_note(f"the controller lease was not released ({type(exc).__name__}: {exc}); it expires by itself")
