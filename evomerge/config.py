@@ -221,12 +221,31 @@ class FirstPassConfig(_Strict):
                                "held back (default: 2 x workers); CMA-ES scores its first generations in full")
 
 
+class EstimateConfig(_Strict):
+    """Cheap fitness (evomerge.runtime.estimate): each candidate is scored on anchor examples chosen from
+    how the base and the sources do on the whole fitness split, and its full-set score is estimated. The
+    best candidates by estimate are then scored on every example; that full score is what is reported,
+    compared and exported."""
+
+    anchors: float = Field(0.25, gt=0, le=1, description="share of each task's fitness examples a candidate is "
+                           "scored on (at least one per group of examples the known models treat alike)")
+    rescore_top: int = Field(3, ge=1, description="best candidates by estimate scored in full at the end")
+    seed: int = Field(0, description="which examples of each group become anchors")
+
+
 class EvaluationConfig(_Strict):
     tasks: list[TaskConfig] = Field(min_length=1)
     include_paths: list[str] = Field(default_factory=lambda: [str(EVALUATORS_DIR)])
     batch_size: int = Field(64, ge=1)
     heldout_top_k: int = Field(3, ge=0, description="best trials re-scored on the held-out split")
     first_pass: FirstPassConfig | None = Field(None, description="multi-fidelity: a cheap first pass, full scoring for the promising")
+    estimate: EstimateConfig | None = Field(None, description="cheap fitness: anchors per task, an estimate of the full score")
+
+    @model_validator(mode="after")
+    def _one_cheap_fitness(self) -> EvaluationConfig:
+        if self.first_pass is not None and self.estimate is not None:
+            raise ValueError("first_pass and estimate are two ways to cheapen fitness; keep one of them")
+        return self
 
     @field_validator("tasks")
     @classmethod
@@ -312,6 +331,13 @@ class StudyConfig(_Strict):
         if isinstance(space, dict) and "kind" not in space:
             return {**data, "search_space": {"kind": "parameter", **space}}
         return data
+
+    @model_validator(mode="after")
+    def _estimate_needs_a_merge_space(self) -> StudyConfig:
+        if self.evaluation.estimate is not None and isinstance(self.search_space, DataFlowSpaceConfig):
+            raise ValueError("evaluation.estimate chooses anchors from merges of the sources; a data-flow (dfs) "
+                             "space has none: remove estimate, or search a parameter or layer-swap space")
+        return self
 
     @model_validator(mode="after")
     def _first_pass_needs_one_objective(self) -> StudyConfig:

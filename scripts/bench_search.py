@@ -23,6 +23,12 @@ split by the same workers (`SearchRun.score_heldout`, top 1).
   cmaes_fp   the default CMA-ES with multi-fidelity (`evaluation.first_pass`: every candidate first on 25%
              of each task's examples, only the top half of first passes scored in full); its `examples`
              column counts the examples scored, the deterministic measure of the evaluation work saved
+  cmaes_est  the default CMA-ES with estimated fitness (`evaluation.estimate`: anchors chosen from the base's
+             and sources' per-example results, 25% of each task's examples per candidate, the best 3 by
+             estimate scored in full at the end and ranked by that); `examples` counts the anchor scoring,
+             the known models' full scoring that chose the anchors, and the final full scoring. For the
+             estimator's quality every candidate is also scored in full afterwards (not counted): the
+             Spearman correlation between its estimated and full fitness is reported per run
 
 Controllers ask whole generations and the last one is truncated to the budget (SearchRun.generations),
 so every optimizer is charged exactly `--budget` evaluations. Ray and the two workers start once and one
@@ -64,7 +70,8 @@ from evomerge.search.spaces import encode_unit  # noqa: E402
 from evomerge.study import StudyStore, fitness_of  # noqa: E402
 from evomerge.zoo._data import N_EVAL_PER_SPLIT  # noqa: E402
 
-METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties", "cmaes_fp")
+METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est")
+ESTIMATE = {"anchors": 0.25, "rescore_top": 3}
 LABELS = {
     "cmaes": "evomerge CMA-ES (default)",
     "cmaes_fp": "evomerge CMA-ES + first pass (multi-fidelity)",
@@ -72,6 +79,7 @@ LABELS = {
     "tpe": "Optuna TPE",
     "mergekit": "mergekit-evolve's CMA-ES",
     "cmaes_ties": "evomerge CMA-ES on mergekit's space",
+    "cmaes_est": "evomerge CMA-ES + estimated fitness (anchors)",
 }
 FIRST_PASS = {"fraction": 0.25, "promote": 0.5}  # --first-pass-fraction, --first-pass-promote
 ZOO_EXAMPLES = N_EVAL_PER_SPLIT  # examples per split of each zoo task
@@ -174,6 +182,7 @@ class RunResult:
     search_s: float = 0.0
     heldout_s: float = 0.0
     note: str = ""
+    spearman: float = math.nan  # cmaes_est: estimated against full fitness over the run's candidates
 
     def best_so_far(self) -> list[float]:
         out, best = [], -math.inf
@@ -191,8 +200,9 @@ def study_config(method: str, seed: int, zoo, budget: int, db: Path, workers: in
         "models": {"base": str(zoo.base), "sources": [str(p) for p in zoo.specialists.values()]},
         "search_space": space,
         "evaluation": {"tasks": [{"name": f"zoo_{skill}"} for skill in zoo.specialists], "heldout_top_k": 1,
-                       "first_pass": FIRST_PASS if method == "cmaes_fp" else None},
-        "optimizer": {"kind": "cmaes" if method in ("mergekit", "cmaes_ties", "cmaes_fp") else method, "seed": seed},
+                       "first_pass": FIRST_PASS if method == "cmaes_fp" else None,
+                       "estimate": ESTIMATE if method == "cmaes_est" else None},
+        "optimizer": {"kind": "cmaes" if method in ("mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est") else method, "seed": seed},
         "budget": {"trials": budget},
         "workers": {"n": workers},
     }, source=f"bench {method}")
@@ -211,23 +221,31 @@ def controller_for(method: str, prepared, workers: int):
 def run_one(method: str, seed: int, zoo, args: argparse.Namespace, pool, db: Path) -> RunResult:
     """What search._drive does, on a pool shared across runs."""
     from evomerge.search import SearchRun, prepare
+    from evomerge.search.estimation import rescore_in_full, search_anchors
 
     prepared = prepare(study_config(method, seed, zoo, args.budget, db, args.workers))
     if prepared.setup != pool.setup:
         raise ValueError(f"{method}: its worker setup differs from the shared pool's; the runs would not be comparable")
     store = StudyStore.create(prepared.cfg, {g.name: g.default for g in prepared.space.genes})
     controller = controller_for(method, prepared, args.workers)
-    run = SearchRun(prepared, store, controller, pool, progress=print if args.verbose else (lambda _: None))
-    result = RunResult(method, seed, popsize=getattr(controller, "popsize", None))
+    progress = print if args.verbose else (lambda _: None)
+    estimate = prepared.cfg.evaluation.estimate
     started = time.perf_counter()
+    anchors = search_anchors(pool, store, prepared.cfg, progress) if estimate is not None else None
+    run = SearchRun(prepared, store, controller, pool, progress=progress, anchors=anchors)
+    result = RunResult(method, seed, popsize=getattr(controller, "popsize", None))
     if controller is None:
         run.sampled()
     else:
         run.generations(0)
+    if estimate is not None:
+        rescore_in_full(pool, store, estimate.rescore_top, progress)
     result.search_s = time.perf_counter() - started
     run.score_heldout()
     result.heldout_s = time.perf_counter() - started - result.search_s
     _read_results(store, result)
+    if anchors is not None:
+        result.spearman = estimate_quality(store, pool)
     if isinstance(controller, MergekitEvolveController) and controller.clipped:
         result.note = f"{controller.clipped} group(s) clipped to evomerge's range"
     return result
@@ -250,13 +268,33 @@ def _read_results(store: StudyStore, result: RunResult) -> None:
     first = store.config.evaluation.first_pass
     for t in finished:  # a promoted candidate's full pass skips its first-pass examples (zero-shot leaf tasks)
         if t.state == state.COMPLETE:
-            result.examples += sum(per_task.values())
+            result.examples += t.user_attrs["examples"] if t.user_attrs.get("estimated") else sum(per_task.values())
         elif t.state == state.PRUNED:
             result.examples += sum(max(1, math.ceil(first.fraction * n)) for n in per_task.values())
-    top = sorted(store.completed(), key=fitness_of, reverse=True)[0]  # the trial score_heldout scored
-    result.best, result.best_trial = fitness_of(top), top.number
+    if store.anchors() is not None:  # the known models' full scoring, and the best ones' full scoring at the end
+        known = len(store.config.models.sources) + 1
+        rescored = sum(store.full(t.number) is not None for t in store.completed())
+        result.examples += (known + rescored) * sum(per_task.values())
+    top = store.ranked()[0]  # the trial score_heldout scored
+    result.best, result.best_trial = store.reported_fitness(top), top.number
     held = store.heldout(top.number)
     result.heldout = held["fitness"] if held else math.nan
+
+
+def estimate_quality(store: StudyStore, pool) -> float:
+    """Spearman correlation of estimated and full fitness over every completed candidate (each scored in
+    full here, for this measurement only)."""
+    from collections import deque
+
+    from evomerge.runtime.estimate import spearman
+    from evomerge.runtime.messages import Job, JobFailure
+    from evomerge.runtime.pool import from_queue
+
+    trials = {t.number: t for t in store.completed()}
+    queue = deque(Job(trial=n, recipe=StudyStore.recipe_of(t)) for n, t in trials.items())
+    full = {job.trial: outcome.fitness for job, outcome in pool.run(from_queue(queue)) if not isinstance(outcome, JobFailure)}
+    numbers = sorted(full)
+    return spearman([fitness_of(trials[n]) for n in numbers], [full[n] for n in numbers])
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -390,6 +428,13 @@ def report(data: dict, results: list[RunResult], out: Path) -> str:
         header += (f" First pass: every candidate on the first {fp['fraction']:.0%} of each task's examples, those "
                    f"reaching the top {fp['promote']:.0%} of earlier first passes on the rest; `examples` counts the "
                    f"examples scored (pruned candidates never count as the best).")
+    est = [r for r in results if r.method == "cmaes_est"]
+    if est:
+        header += (f" Estimated fitness: each candidate on {ESTIMATE['anchors']:.0%} of each task's examples (anchors "
+                   f"chosen from the base's and sources' results; `examples` includes scoring them and the best "
+                   f"{ESTIMATE['rescore_top']} in full); Spearman correlation of estimated and full fitness over each "
+                   f"run's candidates: {mean_sd([r.spearman for r in est])} (runs: "
+                   + ", ".join(f"{r.spearman:.3f}" for r in est) + ").")
     (out / "bench_search.md").write_text(f"{header}\n\n{md}\n")
     note = plot(results, data["budget"], out / "bench_search.png")
     return f"\n{header}\n\n{md}\n\n{note}\nwrote {out}/bench_search.{{md,json}}"

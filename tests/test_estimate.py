@@ -50,3 +50,29 @@ def test_the_scorer_gives_per_example_values_at_anchor_indices(zoo_llama) -> Non
     picked, _ = scorer.example_values(model, tok, "fitness", {"zoo_arith": [1, 5, 30], "zoo_rev": [0, 39]})
     assert picked == {"zoo_arith": [values["zoo_arith"][i] for i in (1, 5, 30)],
                       "zoo_rev": [values["zoo_rev"][i] for i in (0, 39)]}
+
+
+@pytest.mark.slow
+def test_a_search_with_estimated_fitness_reports_and_exports_full_scores(zoo_llama, tmp_path, capsys) -> None:
+    from evomerge.cli import main
+    from evomerge.study import StudyStore
+    from study_configs import zoo_config
+
+    config = zoo_config(zoo_llama, tmp_path, name="est", trials=8, popsize=4, limit=80,
+                        evaluation__estimate={"anchors": 0.25, "rescore_top": 2})
+    assert main(["search", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "anchor examples" in out and "full fitness" in out
+    store = StudyStore.open(f"sqlite:///{tmp_path / 'study.db'}", "est")
+    anchors = store.anchors()
+    assert set(anchors) == {"zoo_arith", "zoo_rev"} and all(a["n"] == 80 for a in anchors.values())
+    trials = store.completed()
+    assert len(trials) == 8 and all(t.user_attrs["estimated"] for t in trials)
+    per_candidate = trials[0].user_attrs["examples"]
+    assert per_candidate == sum(len(a["indices"]) for a in anchors.values()) <= 0.4 * 160
+    rescored = [t for t in trials if store.full(t.number) is not None]
+    assert len(rescored) == 2
+    best = store.trial(None)
+    assert store.full(best.number) is not None and store.heldout(best.number) is not None
+    assert main(["export", "est", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--out", str(tmp_path / "best")]) == 0
+    assert f"**{store.full(best.number)['fitness']:.4f}**" in (tmp_path / "best" / "README.md").read_text()

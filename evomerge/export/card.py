@@ -11,8 +11,11 @@ from evomerge.recipe import CandidateRecipe, PathRecipe, Recipe
 from evomerge.study.store import fitness_of
 
 
-def model_card(recipe: CandidateRecipe, study: str, trial: optuna.trial.FrozenTrial, heldout: dict | None) -> str:
-    fitness = trial.user_attrs.get("scores.fitness", {})
+def model_card(recipe: CandidateRecipe, study: str, trial: optuna.trial.FrozenTrial, heldout: dict | None,
+               full: dict | None = None) -> str:
+    """full: the trial's full-set scores where its fitness was estimated during the search."""
+    fitness = full["scores"] if full else trial.user_attrs.get("scores.fitness", {})
+    overall = full["fitness"] if full else fitness_of(trial)
     rows = [f"| {task} | {score:.4f} | {_heldout_cell(heldout, task)} |" for task, score in fitness.items()]
     return "\n".join([
         "---",
@@ -24,7 +27,7 @@ def model_card(recipe: CandidateRecipe, study: str, trial: optuna.trial.FrozenTr
         "",
         *card_description(recipe),
         "",
-        f"Fitness (weighted mean over tasks, fitness split): **{fitness_of(trial):.4f}**"
+        f"Fitness (weighted mean over tasks, fitness split): **{overall:.4f}**"
         + (f"; held-out: **{heldout['fitness']:.4f}**" if heldout else ""),
         "",
         "| task | fitness split | held-out split |",

@@ -82,7 +82,7 @@ def export_trial(store: StudyStore, number: int | None, out: Path, *, force: boo
     trial = store.completed_trial(number)
     check_out_dir(out, force, protect)
     recipe = StudyStore.recipe_of(trial)
-    card = model_card(recipe, store.study.study_name, trial, store.heldout(trial.number))
+    card = model_card(recipe, store.study.study_name, trial, store.heldout(trial.number), store.full(trial.number))
     files = write_recipe_checkpoint(recipe, out, card=card)
     return Exported(out=out, trial=trial.number, files=files)
 

@@ -59,7 +59,7 @@ def trial_checkpoint(ref: TrialRef) -> Path:
     key = json.dumps({"storage": ref.storage, "study": ref.study, "trial": trial.number, "recipe": recipe.to_dict()}, sort_keys=True)
     folder = cache_root() / "trials" / hashlib.sha256(key.encode()).hexdigest()[:20]
     if not folder.is_dir():
-        card = model_card(recipe, ref.study, trial, store.heldout(trial.number))
+        card = model_card(recipe, ref.study, trial, store.heldout(trial.number), store.full(trial.number))
         write_recipe_checkpoint(recipe, folder, card=card, allow_pickle=store.config.models.allow_pickle)
     return folder
 

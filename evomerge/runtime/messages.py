@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from evomerge.config import StudyConfig, TaskConfig
 from evomerge.recipe import PathRecipe, Recipe
+from evomerge.runtime.estimate import Anchors
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -39,6 +40,12 @@ class Job:
     generation: int = 0
     candidate: int = 0  # index within its generation (Optuna samplers: within the study)
     params: Mapping[str, float | str] | None = None  # the trial's gene values (to retry a sampler's proposal)
+    anchors: Anchors | None = None  # cheap fitness: score these examples and estimate the rest
+    values: bool = False  # a probe (trial < 0): return every example's value (to choose anchors)
+
+    def extra(self) -> dict[str, object]:
+        """Keyword arguments of the worker's `evaluate` beyond (recipe, split, first_pass), when set."""
+        return {k: v for k, v in (("anchors", self.anchors), ("values", self.values)) if v}
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,9 @@ class CandidateResult:
     first_pass: dict[str, float] | None = None  # scores of a multi-fidelity first pass, when one ran
     first_pass_fitness: float | None = None
     full: bool = True  # False: held back after the first pass; `scores` and `fitness` are the first pass's
+    estimated: bool = False  # `scores` and `fitness` estimated from anchor examples
+    examples: int = 0  # examples scored for this result
+    values: dict[str, list[float]] | None = None  # per-example values (probes that choose anchors)
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ class WorkerActor:
     def info(self) -> WorkerInfo:
         return self.worker.info()
 
-    def evaluate(self, *args: Any) -> CandidateResult:
-        return self.worker.evaluate(*args)
+    def evaluate(self, *args: Any, **kwargs: Any) -> CandidateResult:
+        return self.worker.evaluate(*args, **kwargs)
 
 
 def start_ray(n_workers: int, cpus_per_worker: float) -> None:
@@ -113,7 +113,7 @@ class WorkerPool:
                     return
                 slot = idle.pop()
                 args = (job.recipe, job.split) if job.first_pass is None else (job.recipe, job.split, job.first_pass)
-                in_flight[self.actors[slot].evaluate.remote(*args)] = (job, slot)
+                in_flight[self.actors[slot].evaluate.remote(*args, **job.extra())] = (job, slot)
             if ahead is None:
                 ahead = next_job()
 

@@ -14,6 +14,7 @@ import torch
 
 from evomerge.models.live import KINDS, LiveBuilder, LoadOptions, builder_type
 from evomerge.recipe import PathRecipe, Recipe
+from evomerge.runtime.estimate import Anchors
 from evomerge.runtime.messages import CandidateResult, FirstPass, WorkerInfo, WorkerSetup
 from evomerge.runtime.scoring import LmEvalScorer
 
@@ -56,6 +57,21 @@ class CandidateWorker:
         return WorkerInfo(self.name, str(self.device), self.startup_s, sum(b.resident_bytes() for b in builders),
                           memory.get("Rss", 0), sum(b.mapped_bytes() for b in builders), memory.get("Anonymous", 0), where)
 
+    def _per_example(self, model, tokenizer, split: str, anchors: Anchors | None, merge_s: float,  # noqa: ANN001
+                     started: float) -> CandidateResult:
+        """Anchors: scores estimated from the anchor examples (tasks without anchors scored in full).
+        No anchors: every example scored, each one's value kept (a probe that anchors are chosen from)."""
+        indices = None if anchors is None else {t: a.indices for t, a in anchors.tasks.items()}
+        values, others = self.scorer.example_values(model, tokenizer, split, indices)
+        if anchors is None:
+            scores = {t: float(sum(v) / len(v)) for t, v in values.items()} | others
+            return _scored(scores, self.scorer.fitness(scores), merge_s, started, self, values=values,
+                           examples=sum(map(len, values.values())))
+        scores = {t: anchors.tasks[t].estimate(v) if t in anchors.tasks else float(sum(v) / len(v))
+                  for t, v in values.items()} | others
+        return _scored(scores, self.scorer.fitness(scores), merge_s, started, self, estimated=True,
+                       examples=sum(map(len, values.values())))
+
     @torch.no_grad()
     def build(self, recipe: Recipe | PathRecipe) -> float:
         """Make the recipe's candidate the current model (merged weights written in place, or the path
@@ -66,14 +82,18 @@ class CandidateWorker:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
 
-    def evaluate(self, recipe: Recipe | PathRecipe, split: str = "fitness", first_pass: FirstPass | None = None) -> CandidateResult:
+    def evaluate(self, recipe: Recipe | PathRecipe, split: str = "fitness", first_pass: FirstPass | None = None, *,
+                 anchors: Anchors | None = None, values: bool = False) -> CandidateResult:
         """Build the candidate and score it on one split ("fitness" during search, "heldout" to report),
-        optionally after a cheap first pass that may end the evaluation early (multi-fidelity)."""
+        optionally after a cheap first pass that may end the evaluation early (multi-fidelity), or on
+        anchor examples only with the rest estimated, or on every example keeping each one's value."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         merge_s = self.build(recipe)
         model, tokenizer = self._current
         started = time.perf_counter()
+        if anchors is not None or values:
+            return self._per_example(model, tokenizer, split, anchors, merge_s, started)
         first = first_fitness = None
         if first_pass is None:
             scores = self.scorer.score(model, tokenizer, split)
@@ -96,6 +116,12 @@ class CandidateWorker:
             first_pass=first,
             first_pass_fitness=first_fitness,
         )
+
+
+def _scored(scores: dict[str, float], fitness: float, merge_s: float, started: float, worker: "CandidateWorker",
+            **extra: object) -> CandidateResult:
+    return CandidateResult(scores=scores, fitness=fitness, merge_s=merge_s, eval_s=time.perf_counter() - started,
+                           worker=worker.name, peak_mem_mb=_peak_mem_mb(worker.device), **extra)
 
 
 def _peak_mem_mb(device: torch.device) -> float | None:

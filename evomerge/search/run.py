@@ -40,7 +40,9 @@ from evomerge.errors import ConfigError, SearchError, Stopped, StudyError
 from evomerge.models.headers import broken_checkpoint_message
 from evomerge.runtime.messages import CandidateResult, FirstPass, Job, JobFailure
 from evomerge.runtime.pool import DEFAULT_WORKER, WorkerPool, from_queue, start_ray
+from evomerge.runtime.estimate import Anchors
 from evomerge.search.controllers import Controller, loads, make_controller
+from evomerge.search.estimation import rescore_in_full, search_anchors
 from evomerge.search.prepare import Prepared, prepare
 from evomerge.search.samplers import sampler_for
 from evomerge.search.spaces import decode_unit
@@ -127,7 +129,7 @@ def _finished(store: StudyStore, cfg: StudyConfig) -> bool:
     """Every candidate of the budget has an outcome and the best trials have their held-out scores."""
     if len(store.candidate_outcomes()) < cfg.budget.trials:
         return False
-    top = sorted(store.completed(), key=fitness_of, reverse=True)[: cfg.evaluation.heldout_top_k]
+    top = store.ranked()[: cfg.evaluation.heldout_top_k]
     return all(store.heldout(t.number) is not None for t in top)
 
 
@@ -137,11 +139,11 @@ def finished_summary(store: StudyStore, cfg: StudyConfig) -> SearchSummary:
     summary = SearchSummary(study=cfg.name, storage=cfg.storage, budget=cfg.budget.trials, trials=len(outcomes),
                             failed=sum(f is None for f in outcomes.values()), history=store.history())
     summary.pruned = len(store.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
-    done = store.completed()
-    if done:
-        best = max(done, key=fitness_of)
+    ranked = store.ranked()
+    if ranked:
+        best = ranked[0]
         heldout = store.heldout(best.number)
-        summary.best_number, summary.best_fitness = best.number, fitness_of(best)
+        summary.best_number, summary.best_fitness = best.number, store.reported_fitness(best)
         summary.best_heldout = None if heldout is None else heldout["fitness"]
     return summary
 
@@ -158,12 +160,17 @@ def _drive(prepared: Prepared, store: StudyStore, controller: Controller | None,
             pool = WorkerPool(prepared.setup, cfg.workers.n, cpus=cfg.workers.cpus_per_worker,
                               gpus=cfg.workers.gpus_per_worker, progress=progress, worker_cls=prepared.worker_cls)
             store.record_workers([dataclasses.asdict(info) for info in pool.infos])
-            run = SearchRun(prepared, store, controller, pool, progress)
+            estimate = cfg.evaluation.estimate
+            anchors = search_anchors(pool, store, cfg, progress) if estimate is not None else None
+            run = SearchRun(prepared, store, controller, pool, progress, anchors=anchors)
             started = time.perf_counter()
             if controller is None:
                 run.sampled()
             else:
                 run.generations(generation)
+            if estimate is not None:
+                rescore_in_full(pool, store, estimate.rescore_top, progress)
+                run.note_best()
             run.score_heldout()
         except BaseException as exc:
             _abandon_running(store, exc, progress)
@@ -229,8 +236,9 @@ class _Generation:
 class SearchRun:
     """The controller loop of one search process: the only writer of the study."""
 
-    def __init__(self, prepared: Prepared, store: StudyStore, controller: Controller | None, pool: WorkerPool, progress: Progress) -> None:
-        self.cfg, self.space = prepared.cfg, prepared.space
+    def __init__(self, prepared: Prepared, store: StudyStore, controller: Controller | None, pool: WorkerPool,
+                 progress: Progress, *, anchors: Anchors | None = None) -> None:
+        self.cfg, self.space, self.anchors = prepared.cfg, prepared.space, anchors
         self.store, self.controller, self.pool, self.progress = store, controller, pool, progress
         self.distributions = {g.name: g.distribution() for g in self.space.genes}
         self.outcomes = store.candidate_outcomes()  # (generation, candidate) -> fitness | None
@@ -243,10 +251,13 @@ class SearchRun:
     def _note_previous(self) -> None:
         self.summary.trials = len(self.outcomes)
         self.summary.failed = sum(f is None for f in self.outcomes.values())
-        done = self.store.completed()
-        if done:
-            best = max(done, key=fitness_of)
-            self.summary.best_number, self.summary.best_fitness = best.number, fitness_of(best)
+        self.note_best()
+
+    def note_best(self) -> None:
+        """The summary's best trial, as the study ranks it (full scores before estimates)."""
+        ranked = self.store.ranked()
+        if ranked:
+            self.summary.best_number, self.summary.best_fitness = ranked[0].number, self.store.reported_fitness(ranked[0])
 
     def generations(self, generation: int) -> None:
         """Our controllers: generations told whole and in order; workers that would wait for the slowest
@@ -361,7 +372,7 @@ class SearchRun:
         if self.artifact_dir is not None:  # while RUNNING: Optuna refuses artifacts on finished trials
             upload_recipe_artifact(self.store.study, number, recipe.to_yaml(), self.artifact_dir)
         return Job(trial=number, recipe=recipe, attempt=attempt, first_pass=self._first_pass(generation, index),
-                   generation=generation, candidate=index, params=values)
+                   generation=generation, candidate=index, params=values, anchors=self.anchors)
 
     def _first_pass(self, generation: int, index: int) -> FirstPass | None:
         """Multi-fidelity: the bar a candidate's first pass must reach to be scored in full.
@@ -431,7 +442,7 @@ class SearchRun:
         if result.full and (self.summary.best_fitness is None or result.fitness > self.summary.best_fitness):
             self.summary.best_fitness, self.summary.best_number = result.fitness, number
         tasks = " ".join(f"{k}={v:.3f}" for k, v in result.scores.items())
-        what = "fitness" if result.full else "first pass (not promoted)"
+        what = ("estimated fitness" if result.estimated else "fitness") if result.full else "first pass (not promoted)"
         best = "-" if self.summary.best_fitness is None else f"{self.summary.best_fitness:.4f} (trial {self.summary.best_number})"
         self.progress(
             f"[{self.summary.trials}/{self.summary.budget}] gen {generation} trial {number}: {what} {result.fitness:.4f} ({tasks}) "
@@ -453,7 +464,7 @@ class SearchRun:
 
     def score_heldout(self) -> None:
         """Score the top-k trials (by fitness) on the held-out split and record it in the study."""
-        top = sorted(self.store.completed(), key=fitness_of, reverse=True)[: self.cfg.evaluation.heldout_top_k]
+        top = self.store.ranked()[: self.cfg.evaluation.heldout_top_k]
         top = [t for t in top if self.store.heldout(t.number) is None]
         if not top:
             return
@@ -496,4 +507,6 @@ def _result_attrs(result: CandidateResult) -> dict:
     attrs = {"scores.fitness": result.scores, "merge_s": round(result.merge_s, 4), "eval_s": round(result.eval_s, 4), "worker": result.worker}
     if result.peak_mem_mb is not None:
         attrs["peak_mem_mb"] = round(result.peak_mem_mb, 1)
+    if result.estimated:  # the scores and fitness are estimates from `examples` anchor examples
+        attrs.update(estimated=True, examples=result.examples)
     return attrs

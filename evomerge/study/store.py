@@ -40,6 +40,8 @@ HELDOUT_PREFIX = "heldout."
 CONTROLLER_ATTR = "evomerge.controller"  # -> {"generation", "bytes", "key"}; the state is one attribute, `key`
 LEGACY_OPTIMIZER_ATTR = "evomerge.optimizer"  # studies written before 0.2 keep chunked state under this
 HISTORY_PREFIX = "history.g"  # per generation: best, median, sigma, failures
+FULL_PREFIX = "full."  # estimated trials scored on every example at the end: full.<trial number>
+ANCHORS_ATTR = "evomerge.anchors"  # the anchor examples of a search that estimates fitness
 WORKERS_ATTR = "workers"  # each worker's start-up time and resident memory
 FIRST_PASS_ATTR = "first_pass_fitness"
 MAX_ATTEMPTS = 2  # a failed candidate is retried once, then told to the optimizer as failed
@@ -293,6 +295,36 @@ class StudyStore:
     def heldout(self, number: int) -> dict[str, Any] | None:
         return self.study.user_attrs.get(f"{HELDOUT_PREFIX}{number}")
 
+    def set_full(self, number: int, scores: Mapping[str, float], fitness: float) -> None:
+        """The full-set fitness of a trial whose value was estimated from anchor examples."""
+        self._guard()
+        self.study.set_user_attr(f"{FULL_PREFIX}{number}", {"scores": dict(scores), "fitness": fitness})
+
+    def full(self, number: int) -> dict[str, Any] | None:
+        return self.study.user_attrs.get(f"{FULL_PREFIX}{number}")
+
+    def set_anchors(self, anchors: Mapping[str, Any]) -> None:
+        """The anchor examples of an estimating search (chosen once; a resume reuses them)."""
+        self._guard()
+        self.study.set_user_attr(ANCHORS_ATTR, dict(anchors))
+
+    def anchors(self) -> dict[str, Any] | None:
+        return self.study.user_attrs.get(ANCHORS_ATTR)
+
+    def reported_fitness(self, trial: optuna.trial.FrozenTrial) -> float:
+        """What a trial is reported and compared by: its full-set fitness where it was estimated and
+        then scored in full, else its fitness."""
+        full = self.full(trial.number)
+        return fitness_of(trial) if full is None else full["fitness"]
+
+    def ranked(self) -> list[optuna.trial.FrozenTrial]:
+        """Completed trials, best first. In a study that estimates fitness, trials scored in full come first
+        (by full fitness): an estimate alone never makes a trial the best."""
+        done = self.completed()
+        rescored = [t for t in done if self.full(t.number) is not None]
+        rest = [t for t in done if self.full(t.number) is None]
+        return sorted(rescored, key=self.reported_fitness, reverse=True) + sorted(rest, key=fitness_of, reverse=True)
+
     def pareto_front(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.best_trials if len(self.study.directions) > 1 else [self.trial(None)]
 
@@ -314,7 +346,7 @@ class StudyStore:
             what = "no completed trial" if number is None else f"no trial {number}"
             raise StudyError(f"study {self.study.study_name!r} has {what}")
         if number is None:
-            return max(trials, key=fitness_of)
+            return self.ranked()[0]
         return trials[0]
 
     @staticmethod
