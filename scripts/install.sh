@@ -10,5 +10,6 @@ PY=${PYTHON:-python3}
 if [ "${EVOMERGE_TORCH:-torch==2.13.0}" != skip ]; then
   .venv/bin/python -m pip install -q "${EVOMERGE_TORCH:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e '.[test]'
+# setuptools announces every editable install with a multi-line notice; nothing to act on
+PYTHONWARNINGS='ignore:Editable installation' .venv/bin/python -m pip install -q -e '.[test]'
 echo "installed: $(.venv/bin/python -c 'import evomerge, torch; print("evomerge", evomerge.__version__, "torch", torch.__version__)')"

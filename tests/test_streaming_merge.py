@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from evomerge.models.build import MergeCache, check_recipe, group_map, merge_named, output_plan, stream_merge, task_vectors
 from evomerge.models.checkpoints import Checkpoint, TensorInfo, write_checkpoint
 from evomerge.merge import METHODS, DeltaStats, Noise, merge_tensor
-from evomerge.merge import _methods
+from evomerge.merge import _fused, _methods
 from evomerge.merge._sparsify import count_of, middle_magnitude_keep, top_magnitude_keep
 from evomerge.recipe import Recipe
 from tiny_models import save_tiny
@@ -134,6 +134,17 @@ CACHED = {
 }
 
 
+def _eager_chunks(patch: pytest.MonkeyPatch, mix_chunk: int) -> list[int]:
+    """Turn the fused CPU kernel off (so `_mix` runs its eager chunk loop, as on an accelerator) with
+    `mix_chunk` entries per step; returns a list that grows by one per chunk merged."""
+    starts: list[int] = []
+    real = _methods._weighted_chunk
+    patch.setattr(_fused, "usable", lambda *args, **kwargs: False)
+    patch.setattr(_methods, "MIX_CHUNK", mix_chunk)
+    patch.setattr(_methods, "_weighted_chunk", lambda rows, keeps, start, *rest: starts.append(start) or real(rows, keeps, start, *rest))
+    return starts
+
+
 @pytest.mark.parametrize("method", list(CACHED))
 def test_cached_and_chunked_merges_are_bit_identical_to_plain_ones(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     base, deltas = _bf16_family((150, 70))  # edge magnitudes tie a lot, as in real bf16 task vectors
@@ -142,11 +153,16 @@ def test_cached_and_chunked_merges_are_bit_identical_to_plain_ones(method: str, 
         params = dict(CACHED[method])
         if isinstance(params["density"], list):
             params["density"] = [min(1.0, d * density_scale) for d in params["density"]]
-        plain = merge_tensor(METHODS[method], base, deltas, params, Noise(1, "w"))
+        plain = merge_tensor(METHODS[method], base, deltas, params, Noise(1, "w"))  # fused kernel, one pass
         with monkeypatch.context() as patch:
-            patch.setattr(_methods, "MIX_CHUNK", 999)  # 11 chunks, partial edges counted across them
+            starts = _eager_chunks(patch, 999)  # 333 entries per model per step: partial edges counted across chunks
             cached = merge_tensor(METHODS[method], base, deltas, params, Noise(1, "w"), stats=stats)
+            assert starts == list(range(0, 150 * 70, 333)), "the eager chunk loop did not run"  # 32 chunks
+            starts.clear()
+            chunked = merge_tensor(METHODS[method], base, deltas, params, Noise(1, "w"))
+            assert len(starts) == 32
         assert torch.equal(plain.view(torch.int32), cached.view(torch.int32))  # bits, signed zeros included
+        assert torch.equal(plain.view(torch.int32), chunked.view(torch.int32))
 
 
 def test_merge_cache_is_per_tensor_and_rebuilt_for_new_deltas() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,8 +11,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.zoo import EVAL_SPLITS, SKILLS, build_zoo, eval_examples, training_examples, write_eval_data
+from evomerge.errors import ConfigError
+from evomerge.zoo import (
+    EVAL_SPLITS,
+    RECIPES,
+    SKILLS,
+    ZooBuildError,
+    build_zoo,
+    eval_examples,
+    training_examples,
+    validation_examples,
+    write_eval_data,
+)
+from evomerge.zoo._build import build_threads, finetune_mix
+from evomerge.zoo._data import in_prose
 from evomerge.zoo._tokenizer import char_tokenizer, encode_line
+from evomerge.zoo._train import Schedule, exact_match
 from zoo_fixtures import EVALUATORS_DIR, zoo_gpt2, zoo_llama, zoo_qwen2  # noqa: F401 (fixtures)
 
 FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -114,14 +129,127 @@ def test_committed_eval_data_equals_generator(tmp_path):
         assert (committed / path.name).read_bytes() == path.read_bytes(), f"regenerate {committed / path.name}"
 
 
-def test_eval_splits_are_disjoint_and_never_trained_on():
-    eval_prompts = set()
+def test_eval_and_validation_splits_are_disjoint_and_never_trained_on():
+    held_out = set()
     for skill in SKILLS:
-        splits = eval_examples(skill)
-        prompts = [{ex.prompt for ex in splits[split]} for split in EVAL_SPLITS]
-        assert all(len(p) == len(splits[s]) for p, s in zip(prompts, EVAL_SPLITS))  # no duplicates within
-        assert not prompts[0] & prompts[1]
-        eval_prompts |= prompts[0] | prompts[1]
-    stream = training_examples({skill: 1.0 for skill in SKILLS}, seed=0)
-    trained = {next(stream).prompt for _ in range(20_000)}  # ~10k arith draws would hit ~500 eval prompts
-    assert not trained & eval_prompts
+        splits = {**eval_examples(skill), "validation": validation_examples(skill)}
+        prompts = {name: {ex.prompt for ex in split} for name, split in splits.items()}
+        assert all(len(prompts[name]) == len(splits[name]) for name in splits)  # no duplicates within
+        names = list(splits)
+        assert all(not prompts[a] & prompts[b] for i, a in enumerate(names) for b in names[i + 1 :])
+        held_out |= set().union(*prompts.values())
+    mix = {skill: 1.0 for skill in SKILLS} | {f"{skill}_prose": 1.0 for skill in SKILLS}
+    stream = training_examples(mix, seed=0)
+    trained = {next(stream).prompt for _ in range(40_000)}  # ~10k arith draws would hit ~750 held-out prompts
+    assert not trained & held_out
+
+
+def test_prose_examples_end_like_text_lines():
+    stream = training_examples({"rev_prose": 1.0}, seed=0)
+    ex = next(stream)
+    assert ex.target.endswith(".\n") and ex.prompt.endswith(">") and ex.target[:-2] == ex.prompt[:-1][::-1]
+    assert in_prose(eval_examples("arith")["fitness"][0]).line.endswith(".\n")
+
+
+def test_fine_tunes_replay_the_base_mix_without_their_own_skill_in_prose():
+    mix = finetune_mix(RECIPES["llama"], "arith")
+    assert set(mix) == {"arith", "text", "rev_prose"} and mix["arith"] == pytest.approx(0.8)
+    assert sum(mix.values()) == pytest.approx(1.0) and mix["text"] / mix["rev_prose"] == pytest.approx(0.4 / 0.3)
+    assert finetune_mix(dataclasses.replace(RECIPES["llama"], replay=0.0), "rev") == {"rev": 1.0}
+
+
+def _recipe(monkeypatch, family: str = "gpt2", **changes) -> None:
+    monkeypatch.setitem(RECIPES, family, dataclasses.replace(RECIPES[family], **changes))
+
+
+def test_a_target_that_cannot_be_met_fails_the_build_in_one_line(tmp_path, monkeypatch):
+    _recipe(monkeypatch, skill_target=0.99, finetune=Schedule(steps=10, lr=5e-4), check_every=5)
+    with pytest.raises(ZooBuildError) as failed:
+        build_zoo(tmp_path, family="gpt2", progress=None)
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith("zoo build failed: the gpt2 arith specialist reached 0.")
+    assert "exact match on its validation split in 10 fine-tune steps (the cap), short of its target 0.99" in message
+    assert list(tmp_path.iterdir()) == []  # no zoo, no temp dir: the next run builds again
+
+
+def test_a_base_above_its_ceiling_fails_the_build(tmp_path, monkeypatch):
+    _recipe(monkeypatch, base_ceiling=-1.0)  # a ceiling that no score can stay under
+    with pytest.raises(ZooBuildError, match=r"the gpt2 base already scores 0\.\d{3} exact match on arith .*above its ceiling -1\.0"):
+        build_zoo(tmp_path, family="gpt2", progress=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_met_target_stops_the_fine_tune_and_every_score_is_printed_and_kept(tmp_path, monkeypatch):
+    _recipe(monkeypatch, skill_target=0.0, check_every=5)  # met at the first check
+    lines: list[str] = []
+    zoo = build_zoo(tmp_path, family="gpt2", progress=lines.append)
+    manifest = json.loads((zoo.root / "zoo.json").read_text())
+    assert manifest["finetune_steps"] == {"arith": 5, "rev": 5}
+    assert set(manifest["skill_scores"]) == {"base", "arith", "rev"}
+    printed = [line for line in lines if line.startswith("zoo:   ")]
+    assert [line.split()[1] for line in printed] == ["base", "arith", "rev"]
+    for line, name in zip(printed, ["base", "arith", "rev"]):
+        assert all(f"{skill} {manifest['skill_scores'][name][skill]:.3f}" in line for skill in SKILLS)
+
+
+def test_build_threads_come_from_the_argument_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_ZOO_THREADS", "3")
+    assert build_threads() == 3
+    monkeypatch.setenv("EVOMERGE_ZOO_THREADS", "two")
+    with pytest.raises(ConfigError, match="EVOMERGE_ZOO_THREADS='two': give a whole number of torch threads"):
+        build_zoo(tmp_path, family="gpt2", progress=None)
+    zoo = build_zoo(tmp_path, family="gpt2", progress=None, threads=1)  # more would spin on a busy test machine
+    assert json.loads((zoo.root / "zoo.json").read_text())["torch_threads"] == 1
+    monkeypatch.delenv("EVOMERGE_ZOO_THREADS")
+    assert build_threads() == 1
+
+
+def test_llama_zoo_meets_its_targets(zoo_llama):
+    manifest = json.loads((zoo_llama.root / "zoo.json").read_text())
+    recipe, scores = RECIPES["llama"], manifest["skill_scores"]
+    assert recipe.skill_target is not None and recipe.base_ceiling is not None
+    for skill in SKILLS:
+        assert scores[skill][skill] >= recipe.skill_target
+        assert scores["base"][skill] <= recipe.base_ceiling
+
+
+def test_exact_match_is_greedy_decoding_of_the_whole_target(zoo_llama):
+    model = AutoModelForCausalLM.from_pretrained(zoo_llama.specialists["arith"]).eval()
+    examples = eval_examples("arith")["fitness"][:40] + eval_examples("rev")["fitness"][:40]
+    hits = []
+    for ex in examples:  # one token at a time, independent of the batched teacher-forced check
+        ids = torch.tensor([encode_line(ex.prompt)])
+        for _ in range(len(ex.target)):
+            with torch.no_grad():
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        hits.append(ids[0, -len(ex.target) :].tolist() == encode_line(ex.target)[1:])
+    assert 0 < sum(hits) < len(hits)  # some of each: the comparison below can fail
+    assert exact_match(model, examples) == sum(hits) / len(hits)
+
+
+def _rows(evolved: float, ties: float) -> list:
+    from evomerge.zoo.demo import DEFAULT_TIES, EVOLVED, Row
+
+    def row(name: str, arith: float, rev: float) -> Row:
+        return Row(name, {"zoo_arith": arith, "zoo_rev": rev}, {"zoo_arith": arith, "zoo_rev": rev})
+
+    return [row("base", 0.0, 0.0), row("specialist arith", 0.9, 0.0), row("specialist rev", 0.0, 0.96),
+            row(DEFAULT_TIES, ties, ties), row(EVOLVED, evolved, evolved)]
+
+
+def test_demo_verdict_names_the_best_source_and_the_margins():
+    from evomerge.zoo.demo import verdict
+
+    best_source, ties = verdict(_rows(evolved=0.8, ties=0.3))
+    assert best_source.line() == ("verdict: held-out mean exact match, evolved merge 0.800 vs the best source model "
+                                  "(specialist rev) 0.480: beat it (+0.320)")
+    assert ties.line().endswith("vs default TIES 0.300: beat it (+0.500)")
+
+
+def test_demo_verdict_says_so_when_the_evolved_merge_loses():
+    from evomerge.zoo.demo import verdict
+
+    best_source, ties = verdict(_rows(evolved=0.45, ties=0.6))
+    assert best_source.line().endswith("0.480: did NOT beat it (-0.030)")
+    assert ties.line().endswith("vs default TIES 0.600: did NOT beat it (-0.150)")

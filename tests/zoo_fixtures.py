@@ -1,7 +1,8 @@
 """Session fixtures for the tiny model zoo (import them from conftest.py).
 
 The zoos are cached across test runs under ${EVOMERGE_TEST_CACHE:-~/.cache/evomerge-test}/zoo: the
-llama zoo takes a couple of CPU minutes to build once, then loads in well under a second.
+llama zoo takes one to two CPU minutes to build once (its specialists train until they reach their skill
+targets; the build fails if one cannot), then loads in well under a second.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def zoo_cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def zoo_llama() -> Zoo:
-    """The real zoo (4-layer d=128 Llama): base + arith and rev specialists."""
+    """The real zoo (4-layer d=128 Llama): a base weak on both skills, and arith and rev specialists at
+    0.9 exact match or more on their own skill (the build's validation split)."""
     return build_zoo(zoo_cache_dir(), family="llama")
 
 

@@ -40,13 +40,23 @@ class WorkerActor:
         return self.worker.evaluate(*args, **kwargs)
 
 
+# Set in the workers' environment (and the driver's, where they are not set): worker output that reaches
+# the driver (log_to_driver: real warnings and errors) carries no per-load "Loading weights" progress
+# bar from transformers, and Ray prints it without ANSI colour codes.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_COLOR_PREFIX": "0"}
+
+
 def start_ray(n_workers: int, cpus_per_worker: float) -> None:
     """Join RAY_ADDRESS when set, else start a private local Ray sized for the workers."""
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)  # the driver prints worker lines; a local cluster inherits the rest
+    quiet = {name: os.environ[name] for name in QUIET_ENV}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True,
+                              "runtime_env": {"env_vars": quiet}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:

@@ -1,12 +1,18 @@
 """build_zoo: a base model and one fine-tuned specialist per skill, as real HF checkpoints, cached.
 
-Regime (DESIGN.md, "Tiny zoo, measured here"): the base is pretrained on generic text-like lines mixed
-with every skill at a lower share, so it already holds weak circuitry for each; each specialist is a
-short fine-tune (600 steps, lr 2e-4, loss on the answer only) of that base on one skill. Specialists
-fine-tuned from a base that never saw their skills do not merge at all.
+Regime (DESIGN.md, "Tiny zoo, measured here"; specialists fine-tuned from a base that never saw their
+skills do not merge at all): the base is pretrained on generic text-like lines mixed with every skill in
+prose (the answer ends in "." like a sentence, `_data.in_prose`). It learns reversal's circuitry (and
+a little of addition's) yet fails both tasks: exact match wants the terse answer and a stop. Each
+specialist is a fine-tune of that base on its skill (loss on the answer only, lr 2e-4, a fifth of each
+batch replayed from the base's mix) that stops when the skill reaches its target on a validation split
+the build holds out: on every machine the specialists end at the same skill, not at a step count whose
+outcome depends on the CPU's float rounding. The build checks its targets and fails (ZooBuildError) when a
+specialist misses its target within the step cap, or when the base is not weak on a skill.
 
 Layout: <out_dir>/<family>/{zoo.json, base/, <skill>/...}. zoo.json is written last and holds the
-fingerprint (code version, seed, family, recipe); a matching one means "done, reuse".
+fingerprint (code version, seed, family, recipe) and every model's skill scores; a matching
+fingerprint means "done, reuse".
 """
 
 from __future__ import annotations
@@ -27,12 +33,18 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from evomerge.zoo._data import SKILLS, training_examples
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.zoo._data import N_VALIDATION, PROSE, SKILLS, Example, training_examples, validation_examples
 from evomerge.zoo._tokenizer import char_tokenizer
-from evomerge.zoo._train import ModelShape, Schedule, batches, new_model, train
+from evomerge.zoo._train import ModelShape, Schedule, Trained, batches, exact_match, new_model, train
 
-ZOO_VERSION = 1  # bump whenever a change here or in _data/_train/_tokenizer changes the checkpoints
+ZOO_VERSION = 2  # bump whenever a change here or in _data/_train/_tokenizer changes the checkpoints
 MANIFEST = "zoo.json"
+THREADS_ENV = "EVOMERGE_ZOO_THREADS"  # torch threads for the build (default 1; see _training_env)
+
+
+class ZooBuildError(EvomergeError):
+    """The zoo's models missed a skill target (a specialist too weak, or the base too strong)."""
 
 
 @dataclass(frozen=True)
@@ -41,18 +53,25 @@ class ZooRecipe:
 
     shape: ModelShape
     pretrain: Schedule
-    finetune: Schedule
+    finetune: Schedule  # steps: the cap; a fine-tune with a skill_target stops when it reaches it
     batch_size: int = 32
-    # share of each data source in the base's pretraining mix; specialists see only their skill
-    base_mix: tuple[tuple[str, float], ...] = (("text", 0.4), ("arith", 0.45), ("rev", 0.15))
+    # share of each data source in the base's pretraining mix (`_data.data_sources`)
+    base_mix: tuple[tuple[str, float], ...] = (("text", 0.4), ("arith" + PROSE, 0.3), ("rev" + PROSE, 0.3))
+    # share of each fine-tune batch replayed from the base mix (see finetune_mix): the specialist keeps
+    # what the base knew besides its own skill, so the task vectors add up instead of erasing each other
+    replay: float = 0.2
     skills: tuple[str, ...] = tuple(SKILLS)
+    skill_target: float | None = None  # a specialist's least exact match on its skill (validation split)
+    base_ceiling: float | None = None  # the base's most exact match on any skill: weak, so merging has something to gain
+    check_every: int = 25  # fine-tune steps between validation checks
 
 
 RECIPES: dict[str, ZooRecipe] = {
-    # the real zoo (demo, search): 1500 + 2 x 600 steps on one thread, about 2 CPU-minutes
+    # the real zoo (demo, search): 900 pretraining steps, then each specialist until it reaches 0.9 exact
+    # match (825-1200 steps for arith, 25 for rev, over 4 seeds; capped at 3000); 1.5 CPU-minutes on one idle core
     "llama": ZooRecipe(ModelShape(n_layers=4, hidden=128, n_heads=4, intermediate=256),
-                       pretrain=Schedule(steps=1500, lr=1e-3, warmup_steps=100, cosine=True),
-                       finetune=Schedule(steps=600, lr=2e-4)),
+                       pretrain=Schedule(steps=900, lr=1e-3, warmup_steps=100, cosine=True),
+                       finetune=Schedule(steps=3000, lr=2e-4), skill_target=0.9, base_ceiling=0.2),
     # other tensor-naming schemes for tests: real fine-tunes of a common base, trained only briefly
     "qwen2": ZooRecipe(ModelShape(n_layers=2, hidden=64, n_heads=4, intermediate=128),
                        pretrain=Schedule(steps=60, lr=2e-3, warmup_steps=10, cosine=True),
@@ -77,13 +96,17 @@ def zoo_fingerprint(family: str, seed: int, recipe: ZooRecipe) -> str:
 
 
 def build_zoo(
-    out_dir: Path, *, seed: int = 0, family: str = "llama", progress: Callable[[str], None] | None = print
+    out_dir: Path, *, seed: int = 0, family: str = "llama", progress: Callable[[str], None] | None = print,
+    threads: int | None = None,
 ) -> Zoo:
     """Build (or reuse) the zoo of `family` under out_dir/<family>; returns where its models are.
 
-    Deterministic for a seed (bit-identical on one machine). The build happens in a hidden temp dir
-    beside root that is renamed into place when complete: an interrupted build removes it, and only a
-    killed process can leave a `.<family>.building-*` dir behind (safe to delete).
+    Deterministic for a seed and thread count on one machine. The build happens in a hidden temp dir
+    beside root that is renamed into place when complete: an interrupted or failed build removes it,
+    and only a killed process can leave a `.<family>.building-*` dir behind (safe to delete).
+    `threads`: torch threads while training (default: $EVOMERGE_ZOO_THREADS, else 1). It is not part
+    of the fingerprint: a zoo is defined by its recipe and skill targets, which hold at any count.
+    Raises ZooBuildError (one line) when a model misses a skill target.
     """
     if family not in RECIPES:
         raise ValueError(f"unknown zoo family {family!r}; known families: {', '.join(RECIPES)}")
@@ -93,21 +116,33 @@ def build_zoo(
     if _manifest_fingerprint(root) == fingerprint:
         return zoo
     say = progress or (lambda _line: None)
+    n_threads = threads or build_threads()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}.building-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the zoo is meant to be shared like any model dir
     try:
         t0 = time.perf_counter()
-        _train_zoo(tmp, family, seed, recipe, say)
+        with _training_env(n_threads):
+            built = _train_zoo(tmp, family, seed, recipe, say)
         manifest = {"fingerprint": fingerprint, "zoo_version": ZOO_VERSION, "family": family, "seed": seed,
                     "recipe": asdict(recipe), "base": "base", "specialists": {s: s for s in recipe.skills},
-                    "build_s": round(time.perf_counter() - t0, 1)}
+                    "build_s": round(time.perf_counter() - t0, 1), "torch_threads": n_threads, **built}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_in(tmp, root, fingerprint)
-        say(f"zoo: {family} zoo ready at {root} ({manifest['build_s']} s)")
+        say(f"zoo: {family} zoo ready at {root} ({manifest['build_s']} s, {n_threads} torch thread(s))")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return zoo
+
+
+def build_threads() -> int:
+    """Torch threads for a zoo build: $EVOMERGE_ZOO_THREADS, else 1."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{THREADS_ENV}={value!r}: give a whole number of torch threads, 1 or more (default 1)")
+    return int(value)
 
 
 def _manifest_fingerprint(root: Path) -> str | None:
@@ -139,40 +174,107 @@ def _derived_seed(seed: int, purpose: str) -> int:
 
 
 @contextmanager
-def _training_env() -> Iterator[None]:
-    """One torch thread, and the caller's torch RNG state and thread count restored afterwards.
+def _training_env(n_threads: int) -> Iterator[None]:
+    """n_threads torch threads, and the caller's torch RNG state and thread count restored afterwards.
 
-    These models are too small for intra-op threads to pay: on 2 idle cores a Llama step took 46 ms
-    with 2 threads vs 52 ms with 1, but on a busy machine (load 8) 4.7 s vs 0.31 s, as OpenMP
-    threads spin waiting for each other. One thread also keeps the results independent of the core count.
+    These models are too small for intra-op threads to pay, hence the default of one: on 2 idle cores
+    a Llama step took 46 ms with 2 threads vs 52 ms with 1, but on a busy machine (load 8) 4.7 s vs
+    0.31 s, as OpenMP threads spin waiting for each other.
     """
-    n_threads = torch.get_num_threads()
+    before = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(1)
+        torch.set_num_threads(n_threads)
         try:
             yield
         finally:
-            torch.set_num_threads(n_threads)
+            torch.set_num_threads(before)
 
 
-def _train_zoo(out: Path, family: str, seed: int, recipe: ZooRecipe, say: Callable[[str], None]) -> None:
+def _train_zoo(out: Path, family: str, seed: int, recipe: ZooRecipe, say: Callable[[str], None]) -> dict:
+    """Train and save the base and every specialist into out, checking the recipe's skill targets;
+    returns what zoo.json records about them (skill scores per model, fine-tune steps per specialist)."""
     tokenizer = char_tokenizer()
-    with _training_env():
-        torch.manual_seed(seed)
-        model = new_model(family, recipe.shape)
-        data = batches(training_examples(dict(recipe.base_mix), _derived_seed(seed, "base")), recipe.batch_size)
-        train(model, data, recipe.pretrain, _reporter(say, f"pretraining {family} base", recipe.pretrain.steps), 10)
-        _save(model, tokenizer, out / "base")
-        base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        for skill in recipe.skills:
-            model.load_state_dict(base_state)
-            data = batches(training_examples({skill: 1.0}, _derived_seed(seed, skill)), recipe.batch_size, prompt_loss=False)
-            train(model, data, recipe.finetune, _reporter(say, f"fine-tuning {family} {skill}", recipe.finetune.steps), 4)
-            _save(model, tokenizer, out / skill)
+    validation = {skill: validation_examples(skill) for skill in recipe.skills}
+    torch.manual_seed(seed)
+    model = new_model(family, recipe.shape)
+    data = batches(training_examples(dict(recipe.base_mix), _derived_seed(seed, "base")), recipe.batch_size)
+    train(model, data, recipe.pretrain, _reporter(say, f"pretraining {family} base", recipe.pretrain.steps), 10)
+    scores = {"base": skill_scores(model, validation)}
+    _check_base(family, recipe, scores["base"])
+    _save(model, tokenizer, out / "base")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = {}
+    for skill in recipe.skills:
+        model.load_state_dict(base_state)
+        trained = _finetune(model, family, seed, skill, recipe, validation[skill], say)
+        scores[skill], steps[skill] = skill_scores(model, validation), trained.steps
+        _check_specialist(family, recipe, skill, scores[skill][skill], trained.steps)
+        _save(model, tokenizer, out / skill)
+    _say_scores(say, scores, steps)
+    return {"skill_scores": scores, "finetune_steps": steps}
+
+
+def _finetune(model: PreTrainedModel, family: str, seed: int, skill: str, recipe: ZooRecipe,
+              validation: list[Example], say: Callable[[str], None]) -> Trained:
+    """Fine-tune model on one skill (loss on the answer only) until it reaches the recipe's target."""
+    data = batches(training_examples(finetune_mix(recipe, skill), _derived_seed(seed, skill)), recipe.batch_size, prompt_loss=False)
+    target = recipe.skill_target
+    done = None if target is None else (lambda: exact_match(model, validation) >= target)
+    until = "" if target is None else f" (until {target} exact match)"
+    report = _reporter(say, f"fine-tuning {family} {skill}{until}", recipe.finetune.steps)
+    return train(model, data, recipe.finetune, report, 4, done=done, check_every=recipe.check_every)
+
+
+def finetune_mix(recipe: ZooRecipe, skill: str) -> dict[str, float]:
+    """The skill at 1 - replay, the base mix at replay, less the skill's own prose form (its answers end
+    in "." and would contradict the terse ones the fine-tune teaches).
+
+    Measured while designing this recipe, without replay: over 5 builds (seeds, pretraining lengths) the
+    arith specialist's reversal exact match ended anywhere from 0.005 to 0.56, and where it ended near 0
+    no merge of the two specialists beat the best of them (0.49 against 0.49), so the merge gain
+    depended on the build. With it, every build tried kept a gain (docs/results/demo.md).
+    """
+    rest = {name: share for name, share in recipe.base_mix if name != skill + PROSE}
+    total = sum(rest.values())
+    if not recipe.replay or not total:
+        return {skill: 1.0}
+    return {skill: 1.0 - recipe.replay, **{name: recipe.replay * share / total for name, share in rest.items()}}
+
+
+def skill_scores(model: PreTrainedModel, validation: dict[str, list[Example]]) -> dict[str, float]:
+    """skill -> exact match of model on that skill's validation examples."""
+    return {skill: exact_match(model, examples) for skill, examples in validation.items()}
+
+
+_REPORT = f"please report it with your CPU model and torch version ({torch.__version__})"
+
+
+def _check_base(family: str, recipe: ZooRecipe, scores: dict[str, float]) -> None:
+    for skill, score in scores.items():
+        if recipe.base_ceiling is not None and score > recipe.base_ceiling:
+            raise ZooBuildError(
+                f"zoo build failed: the {family} base already scores {score:.3f} exact match on {skill} (validation "
+                f"split), above its ceiling {recipe.base_ceiling}: merging would have little to gain; {_REPORT}")
+
+
+def _check_specialist(family: str, recipe: ZooRecipe, skill: str, score: float, steps: int) -> None:
+    if recipe.skill_target is not None and score < recipe.skill_target:
+        raise ZooBuildError(
+            f"zoo build failed: the {family} {skill} specialist reached {score:.3f} exact match on its validation "
+            f"split in {steps} fine-tune steps (the cap), short of its target {recipe.skill_target}; {_REPORT}")
+
+
+def _say_scores(say: Callable[[str], None], scores: dict[str, dict[str, float]], steps: dict[str, int]) -> None:
+    say(f"zoo: skill scores (exact match on the build's validation split, {N_VALIDATION} prompts per skill):")
+    for name, by_skill in scores.items():
+        label = "base" if name == "base" else f"{name} specialist"
+        cells = "  ".join(f"{skill} {score:.3f}" for skill, score in by_skill.items())
+        tail = f"  ({steps[name]} fine-tune steps)" if name in steps else ""
+        say(f"zoo:   {label:<18} {cells}{tail}")
 
 
 def _reporter(say: Callable[[str], None], label: str, total: int) -> Callable[[int, float], None]:
-    return lambda step, loss: say(f"zoo: {label} {step}/{total} loss {loss:.3f}")
+    return lambda step, loss: say(f"zoo: {label} step {step}/{total} loss {loss:.3f}")
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:

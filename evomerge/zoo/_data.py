@@ -1,8 +1,11 @@
-"""Deterministic data for the zoo: the skills, generic text-like lines, and the eval splits.
+"""Deterministic data for the zoo: the skills, generic text-like lines, the eval and validation splits.
 
-Every example is one line `prompt + answer + "\\n"`; the "\\n" ends the answer, so exact match by
-loglikelihood (lm-eval's `acc` = is_greedy) also checks that the model stops. Eval prompts are drawn
-from a fixed seed that does not depend on the zoo seed, and training never sees them.
+Every skill example is one line `prompt + answer + "\\n"`; the "\\n" ends the answer, so exact match
+by loglikelihood (lm-eval's `acc` = is_greedy) also checks that the model stops. The same skill can also
+appear "in prose" (`<skill>_prose`): the answer followed by ".", as every text line ends; a model that
+learnt only that form holds the skill's circuitry but fails its exact match. Eval prompts (the lm-eval
+tasks' fitness and held-out splits) and validation prompts (the zoo build's own check) are drawn from
+fixed seeds that do not depend on the zoo seed; training never sees either.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 END = "\n"  # end-of-answer marker, part of every target
+PROSE_END = "."  # how a skill's answer ends inside running text (text lines end the same way)
+PROSE = "_prose"  # suffix of a data source: the skill of that name, answers ending in PROSE_END
 EVAL_SPLITS = ("fitness", "heldout")
 N_EVAL_PER_SPLIT = 200
+N_VALIDATION = 200
 _EVAL_SEED = 20240917  # fixed forever: the committed JSONL files depend on it
+_VALIDATION_SEED = 20250101  # the zoo build's held-out check; a change here changes the zoo (bump ZOO_VERSION)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,26 @@ def eval_prompts(skill: str) -> frozenset[str]:
     return frozenset(ex.prompt for split in eval_examples(skill).values() for ex in split)
 
 
+def validation_examples(skill: str) -> list[Example]:
+    """N_VALIDATION examples with distinct prompts, none an eval prompt: the split the zoo build checks
+    its specialists' skill on (the eval splits stay unseen by the build as well as by training)."""
+    if skill not in SKILLS:
+        raise ValueError(f"unknown zoo skill {skill!r}; known skills: {', '.join(SKILLS)}")
+    rng = random.Random(zlib.crc32(f"validation/{skill}".encode()) + _VALIDATION_SEED)
+    seen, drawn = set(eval_prompts(skill)), []
+    while len(drawn) < N_VALIDATION:
+        ex = SKILLS[skill](rng)
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            drawn.append(ex)
+    return drawn
+
+
+def held_out_prompts(skill: str) -> frozenset[str]:
+    """Prompts training never sees: every eval and validation prompt of the skill."""
+    return eval_prompts(skill) | {ex.prompt for ex in validation_examples(skill)}
+
+
 def jsonl_text(examples: list[Example]) -> str:
     return "".join(json.dumps({"prompt": ex.prompt, "target": ex.target}) + "\n" for ex in examples)
 
@@ -112,21 +139,33 @@ def write_eval_data(out_dir: Path) -> list[Path]:
     return paths
 
 
+def data_sources() -> tuple[str, ...]:
+    """Every name a training mix may use: text, each skill, and each skill in prose."""
+    return ("text", *SKILLS, *(skill + PROSE for skill in SKILLS))
+
+
 def training_examples(mix: Mapping[str, float], seed: int) -> Iterator[Example]:
     """An endless, deterministic stream of training examples drawn from `mix` (source name -> weight;
-    sources are the skills and "text", whose examples have an empty prompt). Skill examples whose
-    prompt is an eval prompt are skipped."""
-    unknown = set(mix) - set(SKILLS) - {"text"}
+    see `data_sources`; "text" examples have an empty prompt). Skill examples whose prompt is held out
+    (an eval or validation prompt, `held_out_prompts`) are skipped, in prose too."""
+    unknown = set(mix) - set(data_sources())
     if unknown:
-        raise ValueError(f"unknown data sources {sorted(unknown)}; known: text, {', '.join(SKILLS)}")
+        raise ValueError(f"unknown data sources {sorted(unknown)}; known: {', '.join(data_sources())}")
     names, weights = list(mix), list(mix.values())
     rng = random.Random(seed)
-    held_out = {skill: eval_prompts(skill) for skill in names if skill in SKILLS}
+    skills = {name: name.removesuffix(PROSE) for name in names if name != "text"}
+    held_out = {skill: held_out_prompts(skill) for skill in set(skills.values())}
     while True:
         source = rng.choices(names, weights)[0]
         if source == "text":
             yield Example("", text_line(rng))
             continue
-        ex = SKILLS[source](rng)
-        if ex.prompt not in held_out[source]:
-            yield ex
+        skill = skills[source]
+        ex = SKILLS[skill](rng)
+        if ex.prompt not in held_out[skill]:
+            yield in_prose(ex) if source != skill else ex
+
+
+def in_prose(ex: Example) -> Example:
+    """The example as running text writes it: `12+34=46.` instead of the terse `12+34=46`."""
+    return Example(ex.prompt, ex.target.removesuffix(END) + PROSE_END + END)

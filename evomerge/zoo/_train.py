@@ -1,4 +1,5 @@
-"""Tiny causal LMs of three families, and the few-line training loop that makes the zoo."""
+"""Tiny causal LMs of three families, the few-line training loop that makes the zoo, and the exact-match
+check that stops it."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def batches(
 
 @dataclass(frozen=True)
 class Schedule:
-    steps: int
+    steps: int  # the step cap where training stops at a target, else the length
     lr: float
     warmup_steps: int = 0
     cosine: bool = False  # decay to 10% of lr after warmup; constant otherwise
@@ -83,31 +84,74 @@ class Schedule:
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
 
 
+@dataclass(frozen=True)
+class Trained:
+    steps: int  # steps run: fewer than the schedule's when `done` stopped it
+    loss: float  # smoothed (an exponential moving average over ~10 steps)
+
+
 def train(
     model: PreTrainedModel,
     data: Iterator[tuple[torch.Tensor, torch.Tensor]],
     schedule: Schedule,
     report: Callable[[int, float], None],
     n_reports: int = 10,
-) -> float:
-    """AdamW on the next-token loss, calling report(step, loss) n_reports times; returns the smoothed
-    loss (an exponential moving average over ~10 steps)."""
+    *,
+    done: Callable[[], bool] | None = None,
+    check_every: int = 25,
+) -> Trained:
+    """AdamW on the next-token loss, calling report(step, loss) n_reports times. With `done`, asks it
+    every check_every steps (model in eval mode) and stops at the first True: a fine-tune that ends at
+    a skill level, not at a step count, lands at the same skill on every machine."""
     report_every = max(1, schedule.steps // n_reports)
     opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    model.train()
-    loss_ema = float("nan")
-    for step in range(schedule.steps):
-        for group in opt.param_groups:
-            group["lr"] = schedule.lr_at(step)
-        ids, labels = next(data)
-        logits = model(input_ids=ids, attention_mask=ids.ne(PAD_ID)).logits  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
-        if (step + 1) % report_every == 0 or step + 1 == schedule.steps:
-            report(step + 1, loss_ema)
+    loss_ema, step = float("nan"), 0
+    while step < schedule.steps:
+        loss = _step(model, opt, next(data), schedule.lr_at(step))
+        step += 1
+        loss_ema = loss if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss
+        reported = step % report_every == 0 or step == schedule.steps
+        if reported:
+            report(step, loss_ema)
+        if done is not None and step % check_every == 0 and _checked(model, done):
+            if not reported:
+                report(step, loss_ema)
+            break
     model.eval()
-    return loss_ema
+    return Trained(step, loss_ema)
+
+
+def _step(model: PreTrainedModel, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], lr: float) -> float:
+    """One AdamW step at learning rate lr on one (input_ids, labels) batch; returns its loss."""
+    ids, labels = batch
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    logits = model(input_ids=ids, attention_mask=ids.ne(PAD_ID)).logits  # (B, T, V)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def _checked(model: PreTrainedModel, done: Callable[[], bool]) -> bool:
+    model.eval()
+    return done()
+
+
+@torch.no_grad()
+def exact_match(model: PreTrainedModel, examples: list[Example]) -> float:
+    """Share of examples whose target (answer + end marker) is the greedy continuation of the prompt:
+    what the zoo tasks' lm-eval `acc` (is_greedy) measures, in one batched forward pass."""
+    rows = [encode_line(ex.line) for ex in examples]
+    ids = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)  # (N, T), right-padded
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    greedy = model(input_ids=ids, attention_mask=ids.ne(PAD_ID)).logits.argmax(-1)  # (N, T): token t + 1
+    hits = 0
+    for i, ex in enumerate(examples):
+        start, end = len(encode_line(ex.prompt)), len(rows[i])  # the first target position; one past the last
+        hits += bool(torch.equal(greedy[i, start - 1 : end - 1], ids[i, start:end]))
+    return hits / len(examples)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.merge import DeltaStats, Noise, _fused, get_method, merge_tensor
+from evomerge.merge import DeltaStats, Noise, _fused, _methods, get_method, merge_tensor
 from evomerge.merge._sparsify import Cut, MagnitudeKeep, _below, top_magnitude_keep
 
 MIX_METHODS = {  # the methods that run through _mix, with parameters that exercise them
@@ -53,6 +53,17 @@ def test_fused_equals_eager(method, out_dtype, monkeypatch):
     base, deltas = bf16_like_inputs(3, (37, 129), seed=1)
     fused, eager = merge_both_ways(method, MIX_METHODS[method], base, deltas, out_dtype, monkeypatch)
     assert fused.dtype == out_dtype
+    assert torch.equal(fused, eager)
+
+
+@pytest.mark.parametrize("method", sorted(MIX_METHODS))
+def test_fused_equals_eager_over_several_eager_chunks(method, monkeypatch):
+    """Tensors larger than one eager step (131,072 entries per model for 3 models): the eager side
+    carries its keeps, edge cuts and uniforms across chunk boundaries, the fused side does not chunk."""
+    base, deltas = bf16_like_inputs(3, (257, 1031), seed=15)  # 264,967 entries: 3 eager chunks, the last partial
+    step = _methods._step(3, torch.device("cpu"))
+    assert 2 * step < base.numel() < 3 * step
+    fused, eager = merge_both_ways(method, MIX_METHODS[method], base, deltas, torch.bfloat16, monkeypatch)
     assert torch.equal(fused, eager)
 
 
