@@ -86,7 +86,9 @@ class CmaEsController(Generational):
     """pycma's CMA-ES over [0, 1]^n (bounds by transformation), maximising fitness."""
 
     def __init__(self, x0: np.ndarray, cfg: OptimizerConfig, popsize: int, lookahead: int = 0) -> None:
-        import cma
+        with warnings.catch_warnings():  # pycma warns at import that matplotlib (for cma.plot) is missing
+            warnings.filterwarnings("ignore", message="Could not import matplotlib")
+            import cma
 
         # A private RandomState (not numpy's global one) so that a pickled controller carries its
         # RNG state: a restored checkpoint asks exactly what the original would have asked.
