@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arithmetic", choices=["evomerge", "mergekit"], default="evomerge",
                    help="for a mergekit YAML: evomerge (default: fp32, rounded once to the output dtype) or mergekit "
                         "(inputs cast to the YAML's dtype and computed in it, as mergekit-yaml does: its tensors, bit for bit)")
+    p.add_argument("--lora-merge-cache", type=Path, metavar="DIR",
+                   help="where MODEL+ADAPTER references are written once as merged models (default: $EVOMERGE_CACHE/lora)")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage (trials, notes, recipe artifacts)")
@@ -241,6 +243,7 @@ def _export_mergekit(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.errors import ConfigError
     from evomerge.export import check_out_dir, write_recipe_checkpoint
+    from evomerge.export.lora import resolve_loras
     from evomerge.export.mergekit import is_mergekit_config, load_mergekit_recipe
     from evomerge.recipe import recipe_from_yaml
 
@@ -250,6 +253,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     _check_yaml(text, args.recipe)
     recipe = load_mergekit_recipe(text, arithmetic=args.arithmetic) if is_mergekit_config(text) else recipe_from_yaml(text)
     check_out_dir(args.out, args.force)
+    recipe = resolve_loras(recipe, args.lora_merge_cache)
     files = write_recipe_checkpoint(recipe, args.out, card=f"# Merged model\n\nRecipe: `{args.recipe.name}`\n")
     print(f"wrote {args.out} ({len(files)} weight file(s))")
     return 0

@@ -20,6 +20,7 @@ from evomerge.dtypes import DtypeName
 from evomerge.errors import ConfigError
 from evomerge.dirs import EVALUATORS_DIR, SEARCH_SPACES_DIR
 from evomerge.recipe import OTHER, SPLIT_KINDS as SPLIT_TENSOR_KINDS
+from evomerge.recipe.refs import is_lora, split_lora
 
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
 
@@ -60,10 +61,13 @@ ModelRef = str | TrialRef
 
 class ModelsConfig(_Strict):
     base: ModelRef = Field(description="base model: a local HF checkpoint dir, a Hub id 'org/name[@rev]', or a trial reference")
-    sources: list[ModelRef] = Field(min_length=1, description="fine-tuned models merged onto the base")
+    sources: list[ModelRef] = Field(min_length=1, description="fine-tuned models merged onto the base; MODEL+ADAPTER is a "
+                                    "LoRA adapter applied to MODEL (written once to lora_merge_cache)")
     dtype: DtypeName = "auto"
     allow_pickle: bool = False  # read pytorch_model.bin (pickle) checkpoints only when this is set
     trust_remote_code: bool = False
+    lora_merge_cache: str | None = Field(None, description="where MODEL+ADAPTER sources are written once as merged models "
+                                         "(default: $EVOMERGE_CACHE/lora; mergekit's --lora-merge-cache)")
 
     @field_validator("base", "sources", mode="before")
     @classmethod
@@ -431,13 +435,18 @@ def _resolve_paths(data: dict[str, Any], root: Path) -> None:
                 models[key] = _local_or_ref(models[key], root)
         if isinstance(models.get("sources"), list):
             models["sources"] = [_local_or_ref(s, root) if isinstance(s, str) else s for s in models["sources"]]
+        if isinstance(models.get("lora_merge_cache"), str):
+            models["lora_merge_cache"] = str((root / Path(models["lora_merge_cache"]).expanduser()).resolve())
     evaluation = data.get("evaluation")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("include_paths"), list):
         evaluation["include_paths"] = [str((root / p).resolve()) for p in evaluation["include_paths"]]
 
 
 def _local_or_ref(ref: str, root: Path) -> str:
-    """Paths that look local ('./x', '../x', '/x', or an existing folder) become absolute; Hub ids stay."""
+    """Paths that look local ('./x', '../x', '/x', or an existing folder) become absolute; Hub ids stay;
+    each side of a LoRA reference MODEL+ADAPTER on its own."""
+    if is_lora(ref):
+        return "+".join(_local_or_ref(part, root) for part in split_lora(ref))
     candidate = root / ref
     if ref.startswith((".", "/", "~")) or candidate.exists():
         return str(Path(ref).expanduser() if ref.startswith("~") else candidate.resolve())

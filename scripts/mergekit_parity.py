@@ -8,8 +8,9 @@ mergekit needs its own environment (it pins other versions than evomerge):
     /tmp/mkvenv/bin/pip install torch==2.13.0 'mergekit==0.1.5'
 
 The configs (`tests/data/mergekit_configs/*.yaml`: mergekit's own examples/ rewritten onto tiny models,
-and an option matrix) name their models `{base}`, `{a}`, `{b}`, `{c}`; a first line `# family: qwen2`
-picks another family than Llama. Each config runs three times: fp32 models with `dtype: float32`, bf16
+and an option matrix) name their models `{base}`, `{a}`, `{b}`, `{c}`, and (Llama only) `{ia}` and `{ib}`:
+instruct fine-tunes that added 2 and 3 special tokens to the vocabulary (`vocab_*` configs: tokenizer
+settings); a first line `# family: qwen2` picks another family than Llama. Each config runs three times: fp32 models with `dtype: float32`, bf16
 models with `dtype: bfloat16`, and fp32 models with `dtype: float16` (the config's own dtype line is
 replaced). evomerge runs each twice: its default arithmetic (fp32, rounded once) and `--arithmetic
 mergekit` (inputs cast to the dtype, computed in it as mergekit does).
@@ -58,6 +59,39 @@ def make_models(root: Path) -> None:
             model.to(torch.bfloat16).save_pretrained(root / family / "bfloat16" / name)
         for folder in (root / family).glob("*/*"):
             tokenizer.save_pretrained(folder)
+    from vocab_models import extracted_adapter
+
+    for dtype in ("float32", "bfloat16"):
+        folder = root / "llama" / dtype
+        for name, source, added in (("ia", "a", ADDED[:2]), ("ib", "b", ADDED)):
+            add_tokens(folder / source, folder / name, added)
+        extracted_adapter(folder / "base", folder / "c", folder / "lora", rank=4)
+
+
+ADDED = ("<|im_start|>", "<|im_end|>", "<|tool|>")
+CHATML = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+
+
+def add_tokens(src: Path, dst: Path, added: tuple[str, ...]) -> None:
+    """A copy of model `src` whose tokenizer added `added` special tokens, with that many more embedding and
+    head rows (seeded, ~ 0.02 N(0, 1)), as an instruct fine-tune has; the 2-token one has a chat template."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(len(added))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        extra = 0.02 * torch.randn(len(added), tensors[name].shape[1], generator=g)
+        tensors[name] = torch.cat([tensors[name], extra.to(tensors[name].dtype)])
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] + len(added)}))
+    tokenizer = _tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(added)})
+    if len(added) == 2:
+        tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(dst)
 
 
 def _tokenizer():
@@ -77,7 +111,7 @@ def render(text: str, models: Path, variant: str) -> str:
     """The config with its model placeholders filled in and its dtype set by the variant."""
     family = re.search(r"^# family: (\w+)", text, re.M)
     folder = models / (family.group(1) if family else "llama") / VARIANTS[variant][0]
-    for name in ("base", "a", "b", "c"):
+    for name in ("base", "a", "b", "c", "ia", "ib", "lora"):
         text = text.replace("{" + name + "}", str(folder / name))
     return re.sub(r"^dtype: \w+$", f"dtype: {VARIANTS[variant][1]}", text, flags=re.M)
 
@@ -92,9 +126,17 @@ def describe(text: str) -> tuple[str, str]:
     if re.search(r"\[\s*-?[\d.]+,\s*-?[\d.]+", flat):
         options.append("gradient")
     options += sorted(set(re.findall(r'"filter": "(\w+)"', flat)))
-    for key in ("normalize", "rescale", "int8_mask", "filter_wise", "lambda"):
+    for key in ("normalize", "rescale", "int8_mask", "filter_wise", "lambda", "pad_to_multiple_of", "chat_template"):
         if f'"{key}"' in flat:
             options.append(key)
+    source = data.get("tokenizer_source") or (data.get("tokenizer") or {}).get("source", "union" if "tokenizer" in data else None)
+    if source is not None:
+        options.append(f"tokenizer {source if source in ('union', 'base') else 'of a model'}")
+    if "tokens" in (data.get("tokenizer") or {}):
+        options.append("tokens")
+    models = re.findall(r'"model": "([^"]+)"', flat)
+    if any("+" in m for m in models):
+        options.append("lora source")
     options.append("slices" if "slices" in data else "models")
     return data["merge_method"], ", ".join(options)
 
@@ -123,10 +165,11 @@ def mergekit_child(spec_file: str) -> None:
 
     logging.disable(logging.WARNING)
     results = {}
+    cache = str(Path(spec_file).parent / "mergekit-lora-cache")
     for text, out in json.loads(Path(spec_file).read_text()):
         try:
             config = MergeConfiguration.model_validate(yaml.safe_load(text))
-            run_merge(config, out, MergeOptions(quiet=True, random_seed=0))
+            run_merge(config, out, MergeOptions(quiet=True, random_seed=0, lora_merge_cache=cache))
             results[out] = "ok"
         except Exception as exc:  # a refusal is a result: the table reports it
             results[out] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
@@ -144,7 +187,7 @@ def run_evomerge(text: str, out: Path, arithmetic: str) -> str:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(["merge", str(config), "--out", str(out), "--arithmetic", arithmetic])
+        code = main(["merge", str(config), "--out", str(out), "--arithmetic", arithmetic, "--lora-merge-cache", str(out.parent / "evomerge-lora-cache")])
     return "ok" if code == 0 else (err.getvalue().strip().splitlines() or ["failed"])[-1].removeprefix("evomerge: ")[:160]
 
 
@@ -204,7 +247,8 @@ def main() -> None:
 
 def row(config: Path, variant: str, text: str, work: Path, mk_outcome: str) -> dict:
     method, options = describe(text)
-    out = {"config": config.stem, "variant": variant, "method": method, "options": options, "mergekit": mk_outcome}
+    # "mergekit_tool": mergekit's own outcome; "evomerge" / "mergekit": evomerge's in each arithmetic
+    out = {"config": config.stem, "variant": variant, "method": method, "options": options, "mergekit_tool": mk_outcome}
     for arithmetic in ("evomerge", "mergekit"):
         target = work / f"ev-{arithmetic}-{config.stem}-{variant}"
         outcome = run_evomerge(text, target, arithmetic)
@@ -226,7 +270,7 @@ def cell(r: dict, arithmetic: str) -> str:
 
 
 def write_table(rows: list[dict], out: Path, seconds: float) -> None:
-    both = [r for r in rows if r["mergekit"] == "ok"]
+    both = [r for r in rows if r["mergekit_tool"] == "ok"]
     lines = [
         "# mergekit parity",
         "",
@@ -243,13 +287,14 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> None:
         "fp32 models it differs from mergekit by a few fp32 ulps where mergekit weights the models themselves (linear, "
         "slerp, model_stock) or sums an L1 norm in fp32 (rescale), and with `dtype: bfloat16 / float16` it is the more "
         "exact merge, not mergekit's (TIES-family trims and sign elections differ). `--arithmetic mergekit` is the parity "
-        "option.",
+        "option. Where mergekit refuses a config evomerge runs it only where the README says so: sources whose "
+        "vocabularies differ, with no tokenizer settings (`vocab_no_settings`), merge as `tokenizer_source: union`.",
         "",
         "| config | models, dtype | method | options | mergekit | evomerge (default) | evomerge --arithmetic mergekit |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        mk = "ok" if r["mergekit"] == "ok" else f"refused: {r['mergekit']}"
+        mk = "ok" if r["mergekit_tool"] == "ok" else f"refused: {r['mergekit_tool']}"
         lines.append(f"| {r['config']} | {r['variant']} | {r['method']} | {r['options']} | {mk} | {cell(r, 'evomerge')} | {cell(r, 'mergekit')} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

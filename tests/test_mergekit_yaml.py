@@ -112,9 +112,10 @@ def test_linear_weights_above_one_are_kept_as_written() -> None:
 REFUSALS = [
     ("merge_method: ties\nbase_model: B\nmodels: [{model: S}]\nparamters: {lambda: 1}",
      r"key 'paramters' is not supported \(did you mean 'parameters'\?\)"),
-    ("merge_method: ties\nbase_model: B\nmodules: {}", r"key 'modules' is not supported"),
+    ("merge_method: ties\nbase_model: B\nmodules: {vision_tower: {models: [{model: S}]}}",
+     r"modules = \['vision_tower'\]; evomerge merges decoder-only models, whose one module is 'default'"),
     ("merge_method: nuslurp\nbase_model: B\nmodels: [{model: S}]", r"unknown merge method 'nuslurp' \(did you mean: nuslerp"),
-    ("merge_method: ties\nbase_model: B\nmodels: [{model: S+lora, parameters: {weight: 1}}]", r"LoRA references"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: S+lora+x, parameters: {weight: 1}}]", r"write MODEL\+ADAPTER \(one '\+'\)"),
     ("merge_method: ties\nmodels: [{model: S, parameters: {weight: 1}}]", r"ties needs base_model"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: 1}}]\nparameters: {normalize: 0.5}",
      r"normalize is a switch: give true or false"),
@@ -122,8 +123,8 @@ REFUSALS = [
      r"lambda is set for model 'S'; it is one value for all models"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: 1, densty: 0.5}}]",
      r"ties has no parameter 'densty' \(did you mean 'density'\?\)"),
-    ("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: 1}}]\ntokenizer_source: union",
-     r"tokenizer_source = 'union'"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: 1}}]\ntokenizer: {source: union, pad_to_multiple: 8}",
+     r"tokenizer: key 'pad_to_multiple' is not supported \(did you mean 'pad_to_multiple_of'\?\)"),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: S, parameters: {weight: 1, density: 1.5}}]",
      r"mergekit YAML: ties: density = 1.5 for model 'S'; density must be in \(0, 1\]"),
     ("merge_method: task_arithmetic\nbase_model: B\nslices:\n"
@@ -225,3 +226,26 @@ def test_cli_merge_accepts_a_mergekit_yaml_and_export_ships_one(tmp_path) -> Non
     assert main(["merge", str(tmp_path / "ours" / "mergekit.yaml"), "--out", str(tmp_path / "again")]) == 0
     ours, again = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
+
+
+def test_the_modules_form_reads_as_the_top_level_form() -> None:
+    """mergekit's `modules: {default: ...}` (the one module of a decoder-only model): its parameters rank
+    between a model's own and the top level's (mergekit's ConfigReader), gradients and filters included."""
+    modules = """merge_method: ties
+base_model: B
+modules:
+  default:
+    models:
+      - {model: S, parameters: {weight: 1, density: [{filter: mlp, value: 0.3}]}}
+      - {model: T, parameters: {weight: [0.2, 0.8]}}
+    parameters: {density: [0.4, 0.6], normalize: false}
+parameters: {density: 0.9, lambda: 2}
+"""
+    flat = """merge_method: ties
+base_model: B
+models:
+  - {model: S, parameters: {weight: 1, density: [{filter: mlp, value: 0.3}, {value: [0.4, 0.6]}]}}
+  - {model: T, parameters: {weight: [0.2, 0.8], density: [0.4, 0.6]}}
+parameters: {normalize: false, lambda: 2}
+"""
+    assert recipe_from_mergekit(modules, n_layers=4) == recipe_from_mergekit(flat, n_layers=4)

@@ -4,7 +4,8 @@
     card.py          the model card
     mergekit.py      recipes to and from mergekit-yaml configs
     path.py          a data-flow path as a standard checkpoint of its family
-    trial_models.py  trials of other studies as models (PS+DFS), cached as checkpoints
+    trial_models.py  trials of other studies (PS+DFS) and LoRA sources as models, cached as checkpoints
+    lora.py          MODEL+ADAPTER: a LoRA applied to its model (peft's arithmetic), written once to a cache
 """
 
 from evomerge.export.card import model_card

@@ -25,10 +25,12 @@ from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.export.card import model_card
 from evomerge.export.mergekit import mergekit_text, mergekit_text_for
 from evomerge.export.path import path_checkpoint, path_to_mergekit
-from evomerge.models.build import check_recipe, stream_merge
+from evomerge.models.build import MergeInputs, check_recipe, stream_merge
 from evomerge.models.checkpoints import SIDE_FILES, Checkpoint, CheckpointParts, torch_dtype, write_checkpoint
 from evomerge.models.headers import broken_checkpoint_message
+from evomerge.models.vocab import output_tokenizer, with_vocab_size
 from evomerge.recipe import CandidateRecipe, PathRecipe, Recipe
+from evomerge.recipe.tokenizer import TokenizerSpec
 from evomerge.study.store import StudyStore
 
 
@@ -126,18 +128,26 @@ def checkpoint_parts(recipe: CandidateRecipe, allow_pickle: bool = False) -> Che
 
 @checkpoint_parts.register
 def _merge_parts(recipe: Recipe, allow_pickle: bool = False) -> CheckpointParts:
-    """A merge: the base's config (dtype as the recipe says), tensors streamed from `models.build`, and
+    """A merge: the base's config (dtype and vocabulary size as the recipe says), tensors streamed from
+    `models.build`, the merged tokenizer where the vocabulary was rebuilt (else the base's files), and
     mergekit.yaml where mergekit can rebuild it. The recipe is checked here, before anything is written."""
     check_recipe(recipe)
-    base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
+    inputs = MergeInputs.open(recipe, allow_pickle=allow_pickle)
+    base = inputs.base
     config = dict(base.config)
-    tensors = stream_merge(recipe, allow_pickle=allow_pickle)
+    tensors = stream_merge(recipe, inputs=inputs)
     dtype = torch_dtype(recipe.dtype)
     if dtype is not None:
         tensors = ((n, t.to(dtype)) for n, t in tensors)
         config["dtype"] = config["torch_dtype"] = recipe.dtype
+    if inputs.vocab is not None:
+        config = with_vocab_size(config, inputs.vocab.size)
+        tokenizer = inputs.vocab.tokenizer
+    else:
+        tokenizer = output_tokenizer(recipe.tokenizer or TokenizerSpec(), base, inputs.sources)
     text = mergekit_text_for(recipe, base)
-    return CheckpointParts(config, tensors, base.path, extra_files={} if text is None else {"mergekit.yaml": text})
+    return CheckpointParts(config, tensors, base.path, extra_files={} if text is None else {"mergekit.yaml": text},
+                           tokenizer=tokenizer)
 
 
 @checkpoint_parts.register
@@ -176,7 +186,8 @@ def write_recipe_checkpoint(recipe: CandidateRecipe, out: Path, *, card: str, al
     tmp.mkdir(parents=True)
     try:
         try:
-            files = write_checkpoint(parts.tensors, tmp, config=parts.config, side_files_from=parts.side_files_from, plan=parts.plan)
+            files = write_checkpoint(parts.tensors, tmp, config=parts.config, side_files_from=parts.side_files_from, plan=parts.plan,
+                                     tokenizer=parts.tokenizer)
         except FloatingPointError as exc:  # a merged value is NaN or inf: a broken checkpoint, or a degenerate recipe
             raise _nonfinite_error(recipe, exc, allow_pickle) from None
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())

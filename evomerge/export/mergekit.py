@@ -45,9 +45,13 @@ and draws DARE/DELLA masks from its own generator, so dare_*/della* exports merg
 parameters but different random masks (a comment in the YAML says so). `consensus` has no mergekit
 counterpart and is refused. `int8_mask` changes nothing numerically and is dropped on import.
 
-Refused on import, each with a one-line ConfigError: `modules:`, tokenizer settings other than
-`tokenizer_source: base`, LoRA (`model+lora`) references; in a merge (not a passthrough), slices whose
-models take different layer ranges or that do not tile the layers from 0. Slices whose ranges are not
+Tokenizer settings (`tokenizer_source`, `tokenizer:`, `chat_template`) are the recipe's `tokenizer`, and
+written back; a recipe without them whose sources' vocabularies differ from the base's is written with
+`tokenizer: {source: union}` (what evomerge merges it as; mergekit refuses it without). LoRA references
+(`model+adapter`) are kept as written; `evomerge merge` applies them first (`export.lora`).
+
+Refused on import, each with a one-line ConfigError: `modules:`, tokenizer settings on a passthrough; in a
+merge (not a passthrough), slices whose models take different layer ranges or that do not tile the layers from 0. Slices whose ranges are not
 evomerge's near-equal split become the fewest near-equal layer groups that fit (one per layer at most).
 """
 
@@ -63,7 +67,10 @@ from evomerge.errors import ConfigError
 from evomerge.merge.catalog import get_method
 from evomerge.models.checkpoints import Checkpoint, dtype_of
 from evomerge.models.layout import LayerGroups, num_layers, tensor_kind
+from evomerge.models.headers import CheckpointHeader, vocab_differs
 from evomerge.recipe import Filtered, ParamValue, PathRecipe, Recipe
+from evomerge.recipe.refs import split_lora
+from evomerge.recipe.tokenizer import TokenizerSpec
 
 # Methods evomerge and mergekit 0.1.5 both have, under the same name.
 SHARED_METHODS = (
@@ -83,9 +90,13 @@ FILTER_KIND = {f: kind for kind, filters in KIND_FILTERS.items() for f in filter
 
 
 def recipe_to_mergekit(
-    recipe: Recipe, n_layers: int, *, out_dtype: str | None = None, names: Sequence[str] | None = None
+    recipe: Recipe, n_layers: int, *, out_dtype: str | None = None, names: Sequence[str] | None = None,
+    vocab_differs: bool = False,
 ) -> str:
     """mergekit-yaml text for `recipe` over a base of `n_layers` decoder layers.
+
+    vocab_differs: some source's embeddings have other rows than the base's, so a recipe without tokenizer
+    settings (evomerge merges it as the union) says `tokenizer: {source: union}` (mergekit refuses it without).
 
     out_dtype: the output dtype to write when the recipe's dtype is "auto" (pass the base's, e.g.
     "bfloat16", so mergekit writes what evomerge writes); ignored when the recipe names one.
@@ -110,7 +121,20 @@ def recipe_to_mergekit(
     chosen = recipe.dtype if is_float_name(recipe.dtype) else out_dtype
     if chosen:
         config["out_dtype"] = chosen
+    config |= tokenizer_settings(recipe.tokenizer, vocab_differs)
     return _header(recipe) + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def tokenizer_settings(spec: TokenizerSpec | None, vocab_differs: bool) -> dict[str, Any]:
+    """The recipe's tokenizer settings in mergekit's keys: a `tokenizer:` block and `chat_template`."""
+    spec = spec or TokenizerSpec()
+    out: dict[str, Any] = {}
+    source = spec.source or ("union" if vocab_differs else None)
+    if source is not None:
+        out["tokenizer"] = TokenizerSpec(source, spec.tokens, spec.pad_to_multiple_of).to_data()
+    if spec.chat_template is not None:
+        out["chat_template"] = spec.chat_template
+    return out
 
 
 def layer_ranges(n_layers: int, n_groups: int) -> list[tuple[int, int]]:
@@ -252,8 +276,10 @@ def mergekit_text(recipe: Recipe, base: Checkpoint) -> str:
     """The mergekit YAML of `recipe` over `base` (layers, tensor names and output dtype come from the
     base checkpoint); a one-line ConfigError when the recipe has no mergekit form."""
     out_dtype = str(dtype_of(base.dtypes[base.names[0]])).removeprefix("torch.") if base.names else None
+    differs = recipe.tokenizer is None and vocab_differs(base, [CheckpointHeader.open(s, allow_pickle=True) for s in recipe.sources])
     return recipe_to_mergekit(
-        recipe, num_layers(base.config), out_dtype=out_dtype if is_float_name(out_dtype) else None, names=base.names
+        recipe, num_layers(base.config), out_dtype=out_dtype if is_float_name(out_dtype) else None, names=base.names,
+        vocab_differs=differs,
     )
 
 
@@ -282,7 +308,7 @@ def load_mergekit_recipe(text: str, *, allow_pickle: bool = False, arithmetic: s
     tensor names (filters, the embeddings' and head's own values)."""
     from evomerge.export.mergekit_import import base_reference
 
-    base = Checkpoint.open(base_reference(text), allow_pickle=allow_pickle)
+    base = Checkpoint.open(split_lora(base_reference(text))[0], allow_pickle=allow_pickle)  # an adapter keeps its model's names
     return recipe_from_mergekit(text, n_layers=num_layers(base.config), names=base.names, arithmetic=arithmetic)
 
 

@@ -25,8 +25,12 @@ last slice's, as mergekit lays them out.
 
 What mergekit ignores, we ignore: parameters some mergekit method takes but this method does not (a
 `weight` on slerp or model_stock). A name no mergekit method takes is refused as a typo (did-you-mean).
-Refused, each in one line: LoRA references (model+lora), `modules:`, tokenizer settings other than the
-base's, passthrough `scale`, slices whose models take different layer ranges in a merge.
+Tokenizer settings (`tokenizer_source`, the `tokenizer:` block, `chat_template`) become the recipe's
+`TokenizerSpec`; LoRA references (`model+adapter`) stay as written and are applied before merging
+(`export.lora.resolve_loras`). The `modules:` form of a decoder-only model (one module, `default`) reads as
+the top-level form, its parameters a scope between the slices' and the top level's. Refused, each in one
+line: `modules:` naming other modules (multimodal architectures), tokenizer settings on a passthrough,
+slices whose models take different layer ranges in a merge.
 """
 
 from __future__ import annotations
@@ -43,8 +47,12 @@ from evomerge.errors import ConfigError
 from evomerge.merge.catalog import MethodSpec, get_method
 from evomerge.models.layout import LayerGroups, group_of_each, layer_index
 from evomerge.recipe import OTHER, Filtered, ParamValue, PathRecipe, Recipe
+from evomerge.recipe.refs import split_lora
+from evomerge.recipe.tokenizer import TokenizerSpec
 
-TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source")
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer", "chat_template")
+MODULE = "default"  # mergekit's name for the one module of a decoder-only architecture
 # Every parameter name some mergekit 0.1.5 method takes: a method that lacks one ignores it, as mergekit does.
 MERGEKIT_PARAMETERS = frozenset({
     "weight", "density", "gamma", "epsilon", "lambda", "t", "normalize", "rescale", "int8_mask", "filter_wise",
@@ -121,7 +129,7 @@ def recipe_from_mergekit(
     kinds, flat = _as_kinds(groups, _filters_used(slices, top), names)
     dtype = data.get("out_dtype") or ("float32" if spec.name in FP32_RESULT else data.get("dtype")) or "auto"
     recipe = Recipe(method=spec.name, base=base, sources=tuple(sources), groups=flat, seed=seed, dtype=str(dtype), kinds=kinds,
-                    mergekit_dtype=_arithmetic(arithmetic, data))
+                    mergekit_dtype=_arithmetic(arithmetic, data), tokenizer=tokenizer_of(data))
     _check_values(spec, recipe)
     return recipe
 
@@ -146,13 +154,69 @@ def _mapping(text: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError("mergekit YAML: expected a mapping with merge_method and models or slices")
     check_keys(data, TOP_KEYS, "mergekit YAML")
-    if data.get("tokenizer_source") not in (None, "base"):
-        raise ConfigError(
-            f"mergekit YAML: tokenizer_source = {data['tokenizer_source']!r}; evomerge copies the base's tokenizer; use base or leave it out"
-        )
+    if "modules" in data:
+        data = _without_modules(data)
     if ("models" in data) == ("slices" in data):
-        raise ConfigError("mergekit YAML: give exactly one of models: or slices: (modules: is not supported)")
+        raise ConfigError("mergekit YAML: give exactly one of models:, slices: or modules:")
     return data
+
+
+def _without_modules(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The `modules:` form as the top-level form: its one module's models or slices, its parameters a scope
+    between the slices' and the top level's (mergekit's ConfigReader precedence)."""
+    modules = data["modules"]
+    if not isinstance(modules, Mapping) or list(modules) != [MODULE]:
+        names = list(modules) if isinstance(modules, Mapping) else modules
+        raise ConfigError(f"mergekit YAML: modules = {names!r}; evomerge merges decoder-only models, whose one module is "
+                          f"{MODULE!r}: write modules: {{{MODULE}: {{models: ... or slices: ...}}}}, or models: / slices: at the top")
+    module = modules[MODULE]
+    if not isinstance(module, Mapping):
+        raise ConfigError(f"mergekit YAML: modules.{MODULE} must be a mapping with models: or slices:")
+    check_keys(module, ("models", "slices", "parameters"), f"mergekit YAML: modules.{MODULE}")
+    if "models" in data or "slices" in data:
+        raise ConfigError("mergekit YAML: give exactly one of models:, slices: or modules:")
+    out = {k: v for k, v in data.items() if k != "modules"} | {k: v for k, v in module.items() if k != "parameters"}
+    inner, outer = _raw_params(module.get("parameters"), f"modules.{MODULE}.parameters"), _raw_params(data.get("parameters"), "parameters")
+    out["parameters"] = {k: _stacked(inner[k], outer[k]) if k in inner and k in outer else inner.get(k, outer.get(k))
+                         for k in (*inner, *(k for k in outer if k not in inner))}
+    return out
+
+
+def _raw_params(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"mergekit YAML: {where} must be a mapping of parameter names to values")
+    return value
+
+
+def _stacked(inner: Any, outer: Any) -> list[dict[str, Any]]:
+    """Two scopes' settings of one parameter as one filter list: the inner scope's conditions first."""
+    def items(value: Any) -> list[dict[str, Any]]:
+        if isinstance(value, Mapping):
+            return [dict(value)]
+        if isinstance(value, list) and value and all(isinstance(x, Mapping) for x in value):
+            return [dict(x) for x in value]
+        return [{"value": value}]
+    return [*items(inner), *items(outer)]
+
+
+def tokenizer_of(data: Mapping[str, Any]) -> TokenizerSpec | None:
+    """`tokenizer_source`, the `tokenizer:` block (its source wins, and defaults to union, as in mergekit) and
+    `chat_template` as one TokenizerSpec; None when the config has none of them."""
+    block, source, template = data.get("tokenizer"), data.get("tokenizer_source"), data.get("chat_template")
+    if block is None and source is None and template is None:
+        return None
+    if block is not None:
+        if not isinstance(block, Mapping):
+            raise ConfigError("mergekit YAML: tokenizer must be a mapping with source, tokens, pad_to_multiple_of")
+        check_keys(block, ("source", "tokens", "pad_to_multiple_of"), "mergekit YAML: tokenizer")
+        spec = TokenizerSpec.from_data({"source": "union", **block}, "mergekit YAML: tokenizer")
+    else:
+        spec = TokenizerSpec(source=None if source is None else _reference(source, "tokenizer_source"))
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(f"mergekit YAML: chat_template = {template!r}; give auto or a Jinja template text")
+    return TokenizerSpec(spec.source, spec.tokens, spec.pad_to_multiple_of, template)
 
 
 def _method(name: str) -> MethodSpec:
@@ -235,10 +299,13 @@ def _list(value: Any, where: str) -> list:
 
 
 def _reference(value: Any, where: str) -> str:
+    """A model reference as written: a path or Hub id, or MODEL+ADAPTER (a LoRA, applied before merging)."""
     if not isinstance(value, str):
         raise ConfigError(f"mergekit YAML: {where} = {value!r}; give a model path or Hub id as a string")
-    if "+" in value:
-        raise ConfigError(f"mergekit YAML: {where} = {value!r}; LoRA references (model+lora) are not supported; merge the LoRA first")
+    try:
+        split_lora(value)
+    except ConfigError as exc:
+        raise ConfigError(f"mergekit YAML: {where}: {exc}") from None
     return value
 
 
@@ -557,6 +624,9 @@ def _path_recipe(data: Mapping[str, Any], n_layers: int | None) -> PathRecipe:
     per layer, gradients included) as the slots' tensor scales; the embeddings take the first slice's
     scale at t = 0, the final norm and head the last slice's."""
     slices, top = _slices_of(data), _params(data.get("parameters"), "parameters")
+    if tokenizer_of(data) is not None:
+        raise ConfigError("mergekit YAML: a passthrough (layer stacking) takes its models' own tokenizer; remove tokenizer_source, "
+                          "tokenizer and chat_template, or merge models that share one vocabulary")
     models: list[str] = []
     slots, scales = [], []
     for index, s in enumerate(slices):

@@ -1,4 +1,4 @@
-"""Trials of other studies as models (PS+DFS): each is written once as a checkpoint in a cache folder.
+"""Trials of other studies (PS+DFS) and LoRA sources as models: each is written once as a checkpoint in a cache folder.
 
 A study config may name a model as `{study: NAME, storage: URL, trial: N}` (trial omitted = the best
 completed trial). Before a search starts, `materialize_trial_models` exports every such trial (merge or
@@ -6,7 +6,9 @@ path recipe alike, through `export.write_recipe_checkpoint`) to
 
     $EVOMERGE_CACHE/trials/<hash>      ($EVOMERGE_CACHE defaults to ~/.cache/evomerge)
 
-and puts that folder in the config, so workers, export and resume see an ordinary local model. The
+and puts that folder in the config, so workers, export and resume see an ordinary local model. A LoRA
+source `MODEL+ADAPTER` is written the same way, by `export.lora` (to `models.lora_merge_cache`, default
+$EVOMERGE_CACHE/lora). The
 controller, which never loads torch, runs this module as a child process (`python -m
 evomerge.export.trial_models` reads the study config as YAML on stdin and prints the folders as JSON on
 stdout, or a one-line error on stderr with exit code 2). The hash
@@ -24,25 +26,33 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.config import StudyConfig, TrialRef, parse_config
+from evomerge.config import ModelsConfig, StudyConfig, TrialRef, parse_config
 from evomerge.dirs import cache_root
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.export.card import model_card
 from evomerge.export.checkpoint import write_recipe_checkpoint
+from evomerge.export.lora import lora_checkpoint
+from evomerge.recipe.refs import is_lora, split_lora
 from evomerge.study.store import StudyStore
 
 
 def materialize_trial_models(cfg: StudyConfig) -> StudyConfig:
-    """`cfg` with every trial reference in `models` replaced by the folder of that trial's checkpoint."""
+    """`cfg` with every trial reference and LoRA source in `models` replaced by the folder of its checkpoint."""
     models = cfg.models
-    if not any(isinstance(ref, TrialRef) for ref in (models.base, *models.sources)):
+    if not any(isinstance(ref, TrialRef) or is_lora(ref) for ref in (models.base, *models.sources)):
         return cfg
-    base = _local(models.base, "models.base")
-    sources = [_local(ref, f"models.sources[{i}]") for i, ref in enumerate(models.sources)]
+    base = _local(models.base, "models.base", models)
+    sources = [_local(ref, f"models.sources[{i}]", models) for i, ref in enumerate(models.sources)]
     return cfg.with_overrides(**{"models.base": base, "models.sources": sources})
 
 
-def _local(ref: str | TrialRef, where: str) -> str:
+def _local(ref: str | TrialRef, where: str, models: ModelsConfig) -> str:
+    if isinstance(ref, str) and is_lora(ref):
+        cache = Path(models.lora_merge_cache) if models.lora_merge_cache else None
+        try:
+            return str(lora_checkpoint(*split_lora(ref), cache, allow_pickle=models.allow_pickle))
+        except EvomergeError as exc:
+            raise ConfigError(f"config error: {where}: {exc}") from None
     if isinstance(ref, str):
         return ref
     try:

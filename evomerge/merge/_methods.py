@@ -305,6 +305,94 @@ def consensus(
     return base.float() + lambda_ * (tau_mtl * keep)
 
 
+# --- spectral methods: an SVD per 2-D tensor ------------------------------------------------------------
+# They materialise the E weighted task vectors of the tensor being merged (4E bytes per entry of it, in
+# flight, as consensus does) and run fp32 SVDs on them; other tensors (norms, biases) take the mean of
+# the weighted task vectors, as the papers' code does. SVDs are deterministic on one machine and thread
+# count; a CPU and a GPU build agree to fp32 rounding, not bit for bit. Sign flips of singular vectors do
+# not change the results (each flip cancels in U diag(s) V^T and in the polar factors).
+
+
+def _weighted(deltas: TaskVectors, weight: Tensor) -> Tensor:
+    """(E, *S) fp32: w_i * d_i."""
+    tau = deltas.materialize()
+    return tau * per_model(weight, tau)
+
+
+def _polar(m: Tensor) -> Tensor:
+    """The orthogonal factor of m (m = P S Q^T gives P Q^T): the nearest matrix with orthonormal columns (rows)."""
+    p, _, qh = torch.linalg.svd(m, full_matrices=False)
+    return p @ qh
+
+
+def _top(m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """m's top k singular triplets: (u (rows, k), s (k,), vh (k, cols))."""
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :k], s[:k], vh[:k]
+
+
+@attach
+def tsv_merge(base: Tensor, deltas: TaskVectors, *, weight: Tensor, lambda_: float, noise: Noise | None = None) -> Tensor:
+    """TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors: Reducing Task Interference in Model
+    Merging", arXiv 2412.00081, TSV-M): per 2-D tensor of shape (m, n), r = min(m, n),
+
+        (U_i, s_i, V_i) = top max(1, r // E) singular triplets of w_i d_i     each task's low-rank part
+        U = [U_1 .. U_E], s = [s_1 .. s_E], V = [V_1 .. V_E]                    side by side
+        merged = base + lambda_ * polar(U) diag(s) polar(V)^T                  decorrelated (polar factors)
+
+    other tensors: base + lambda_ * mean_i(w_i d_i). The paper keeps r // E (0 when r < E); max(1, .)
+    keeps each task's top direction in matrices narrower than the model count.
+    """
+    tau = _weighted(deltas, weight)
+    if tau.dim() != 3:
+        return base.float() + lambda_ * tau.mean(0)
+    k = max(1, min(tau.shape[1:]) // tau.shape[0])
+    parts = [_top(t, k) for t in tau]
+    u, s, vh = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts], 0)
+    return base.float() + lambda_ * ((_polar(u) * s) @ _polar(vh))
+
+
+@attach
+def iso_c(base: Tensor, deltas: TaskVectors, *, weight: Tensor, lambda_: float, noise: Noise | None = None) -> Tensor:
+    """Iso-C (Marczak et al. 2025, "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific
+    Subspaces", arXiv 2502.04959): the task-arithmetic sum's spectrum made flat. Per 2-D tensor:
+
+        U diag(s) V^T = sum_i w_i d_i;    merged = base + lambda_ * mean(s) U V^T
+
+    other tensors: base + lambda_ * mean_i(w_i d_i), as the paper's code does.
+    """
+    tau = _weighted(deltas, weight)
+    if tau.dim() != 3:
+        return base.float() + lambda_ * tau.mean(0)
+    u, s, vh = torch.linalg.svd(tau.sum(0), full_matrices=False)
+    return base.float() + lambda_ * (s.mean() * (u @ vh))
+
+
+@attach
+def iso_cts(base: Tensor, deltas: TaskVectors, *, weight: Tensor, common_space_fraction: float, lambda_: float,
+            noise: Noise | None = None) -> Tensor:
+    """Iso-CTS (Marczak et al. 2025, arXiv 2502.04959): Iso-C on the common subspace (the sum's top
+    directions) plus each task's own top directions outside it. Per 2-D tensor, r = min(m, n):
+
+        t     = min(r, round(r (1 - f) / E) E),  c = r - t,  k = t // E      common size c, k per task
+        (U_c, s_c, V_c) = top c of sum_i w_i d_i
+        (U_i, s_i, V_i) = top k of (I - U_c U_c^T) w_i d_i                     what the common part misses
+        U = [U_1 .. U_E, U_c], s = [s_1 .. s_E, s_c], V likewise
+        merged = base + lambda_ * mean(s) polar(U) polar(V)^T
+
+    f = common_space_fraction (the paper uses 0.8); other tensors: base + lambda_ * mean_i(w_i d_i).
+    """
+    tau = _weighted(deltas, weight)
+    if tau.dim() != 3:
+        return base.float() + lambda_ * tau.mean(0)
+    n_models, r = tau.shape[0], min(tau.shape[1:])
+    specific = min(r, round((r - int(r * common_space_fraction)) / n_models) * n_models)
+    u_c, s_c, vh_c = _top(tau.sum(0), r - specific)
+    parts = [_top(t - u_c @ (u_c.T @ t), specific // n_models) for t in tau] + [(u_c, s_c, vh_c)]
+    u, s, vh = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts], 0)
+    return base.float() + lambda_ * (s.mean() * (_polar(u) @ _polar(vh)))
+
+
 # --- methods on full weights (mergekit 0.1.5's newer methods) -----------------------------------------
 # Each is a kernel on full weights that computes in its inputs' dtype, in mergekit's order of operations;
 # the catalog function runs it on fp32 inputs (evomerge's arithmetic), `_mergekit` on inputs cast to a

@@ -28,6 +28,11 @@ they have parameters: nuslerp and multislerp weight (per model), multislerp eps,
 requires it, 1e-4 here), ram / ramplus_tl epsilon in [0, 1e-3] (default 1e-5), ramplus_tl r and alpha in
 [0, 1], passthrough scale in [0, 2].
 
+Spectral methods (no mergekit counterpart), searchable: tsv_merge (TSV-Merge, Gargiulo et al. 2025),
+iso_c and iso_cts (Marczak et al. 2025), each with a per-model weight in [-1, 2] and lambda_ in [0, 2]
+(the papers' scaling coefficient alpha; FusionBench runs Iso-C/CTS at 1.5, TSV-Merge at 1); iso_cts also
+common_space_fraction in [0, 1] (0.8 in the paper).
+
 Switches are mergekit's boolean options (normalize, rescale, filter_wise, int8_mask): 0.0 or 1.0 in a
 recipe, never searched, and not listed among a method's parameters.
 """
@@ -352,6 +357,10 @@ METHODS: dict[str, MethodSpec] = {
     "ramplus_tl": MethodSpec("ramplus_tl", None, (ParamSpec("r", 0.0, 1.0, 0.1, per_model=False, limits=FINITE),
                                                   ParamSpec("alpha", 0.0, 1.0, 0.2, per_model=False, limits=FINITE), RAM_EPSILON), True),
     "passthrough": MethodSpec("passthrough", None, (ParamSpec("scale", 0.0, 2.0, 1.0, per_model=True, limits=FINITE),), True, max_models=1),
+    # spectral merges (module docstring): per 2-D tensor an SVD of the task vectors; no mergekit counterpart
+    "tsv_merge": MethodSpec("tsv_merge", None, (WEIGHT, LAMBDA), True),
+    "iso_c": MethodSpec("iso_c", None, (WEIGHT, LAMBDA), True),
+    "iso_cts": MethodSpec("iso_cts", None, (WEIGHT, ParamSpec("common_space_fraction", 0.0, 1.0, 0.8, per_model=False), LAMBDA), True),
     "consensus": MethodSpec(
         "consensus", None,
         (WEIGHT, ParamSpec("tall_lambda", 0.0, 1.0, 0.4, per_model=True), ParamSpec("k", 0.0, 8.0, 2.0, per_model=False), LAMBDA),

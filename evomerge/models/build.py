@@ -9,11 +9,17 @@ A recipe whose values depend on the tensor's name (`recipe.Filtered`, from merge
 here, per tensor, before the method sees it. A recipe with `mergekit_dtype` is merged with mergekit's
 arithmetic (`merge._mergekit`) instead of evomerge's fp32 one. Either way the merged tensor is rounded
 once, to the recipe's output dtype: a float32 output of bf16 sources keeps its fp32 values.
+
+Sources whose vocabularies differ from the base's (an instruct fine-tune's added tokens), or a recipe
+with tokenizer settings, have their embedding and head rows laid out by token before merging
+(`models.vocab`): `MergeInputs` opens the models and plans that once; the plan's `size` is the output's
+row count and its tokenizer the one an export writes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +27,9 @@ from evomerge.dirs import cache_root
 from evomerge.merge import DeltaStats, MethodSpec, Noise, TaskVectors, all_finite, get_method, merge_tensor, use_kernel_dir
 from evomerge.merge._mergekit import merge_like_mergekit
 from evomerge.models.checkpoints import Checkpoint, TensorInfo, check_mergeable, dtype_of, torch_dtype
+from evomerge.models.headers import vocab_differs
 from evomerge.models.layout import LayerGroups, group_of_each, num_layers, tensor_kind
+from evomerge.models.vocab import VocabPlan, plan_vocab, promoted_dtype, resolve_spec
 from evomerge.recipe import Plain, Recipe
 
 # Compiled merge kernels live in the machine's cache, shared by every process that merges here.
@@ -137,28 +145,63 @@ def group_map(recipe: Recipe, base: Checkpoint) -> dict[str, int]:
     return {name: recipe.slot(g, tensor_kind(name)) for name, g in layer_groups.items()}
 
 
-def stream_merge(recipe: Recipe, *, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass
+class MergeInputs:
+    """A recipe's models, opened and checked, and its vocabulary plan (None: rows merge by index)."""
+
+    base: Checkpoint
+    sources: list[Checkpoint]
+    vocab: VocabPlan | None
+    mergekit_dtype: str | None = None  # the recipe's: the arithmetic of the vocabulary's fills
+
+    @classmethod
+    def open(cls, recipe: Recipe, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> MergeInputs:
+        base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
+        sources = [Checkpoint.open(s, allow_pickle=allow_pickle) for s in recipe.sources]
+        check_mergeable(base, zip(recipe.sources, sources))
+        spec = resolve_spec(recipe.tokenizer, vocab_differs(base, sources))
+        plan = plan_vocab(spec, [(recipe.base, base), *zip(recipe.sources, sources)], trust_remote_code=trust_remote_code)
+        return cls(base, sources, plan, recipe.mergekit_dtype)
+
+    def tensors(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(base, sources) of tensor `name`, rows laid out by token where the plan says so: fills in fp32,
+        rounded once (evomerge's arithmetic), or in mergekit's dtype (the inputs' promoted one for "auto")."""
+        tensors = [self.base.tensor(name), *(s.tensor(name) for s in self.sources)]
+        if self.vocab is not None and name in self.vocab.names:
+            compute = None if self.mergekit_dtype is None else torch_dtype(self.mergekit_dtype) or promoted_dtype(tensors)
+            tensors = self.vocab.align(tensors, compute)
+        return tensors[0], tensors[1:]
+
+
+def stream_merge(recipe: Recipe, *, allow_pickle: bool = False, inputs: MergeInputs | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor) for every tensor of the base, in the base's order.
 
     Memory holds one tensor's worth at a time: the base tensor and the E source tensors in their
-    dtype (2(E + 1) bytes per entry in bf16), and the method's working tensors.
+    dtype (2(E + 1) bytes per entry in bf16; the embeddings and head laid out by token when the
+    vocabularies differ), and the method's working tensors.
     """
     spec = check_recipe(recipe)
-    base = Checkpoint.open(recipe.base, allow_pickle=allow_pickle)
-    sources = [Checkpoint.open(s, allow_pickle=allow_pickle) for s in recipe.sources]
-    check_mergeable(base, zip(recipe.sources, sources))
-    groups = group_map(recipe, base)
-    for name in base.names:
-        base_t = base.tensor(name)
-        deltas = TaskVectors(base_t, [s.tensor(name) for s in sources])
+    inputs = inputs or MergeInputs.open(recipe, allow_pickle=allow_pickle)
+    groups = group_map(recipe, inputs.base)
+    for name in inputs.base.names:
+        base_t, sources = inputs.tensors(name)
+        deltas = TaskVectors(base_t, sources)
         merged = merge_named(recipe, spec, name, groups[name], base_t, deltas)
-        del base_t, deltas  # free before the consumer writes, so two tensors' work never overlaps
+        del base_t, sources, deltas  # free before the consumer writes, so two tensors' work never overlaps
         yield name, merged
 
 
-def output_plan(recipe: Recipe, base: Checkpoint) -> list[TensorInfo]:
+def output_plan(recipe: Recipe, base: Checkpoint, vocab: VocabPlan | None = None) -> list[TensorInfo]:
     """Name, shape and dtype of every tensor `stream_merge` yields, in order, after the recipe's dtype
-    (float32 / bfloat16 / float16; anything else keeps each base tensor's dtype, as export does).
-    Passing it to `write_checkpoint(plan=...)` lets the writer put each shard's header first."""
+    (float32 / bfloat16 / float16; anything else keeps each base tensor's dtype, as export does; the
+    embeddings and head have `vocab.size` rows). Passing it to `write_checkpoint(plan=...)` lets the
+    writer put each shard's header first."""
     forced = torch_dtype(recipe.dtype)
-    return [TensorInfo(n, tuple(base.shapes[n]), forced or dtype_of(base.dtypes[n])) for n in base.names]
+    mergekit = torch_dtype(recipe.mergekit_dtype) if recipe.mergekit_dtype else None
+
+    def info(name: str) -> TensorInfo:
+        shape = tuple(base.shapes[name])
+        if vocab is not None and name in vocab.names:
+            return TensorInfo(name, (vocab.size, *shape[1:]), forced or mergekit or dtype_of(base.dtypes[name]))
+        return TensorInfo(name, shape, forced or dtype_of(base.dtypes[name]))
+    return [info(n) for n in base.names]

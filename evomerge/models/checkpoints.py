@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from evomerge.models.headers import CheckpointHeader, check_mergeable, read_safe
 __all__ = ["Checkpoint", "CheckpointParts", "TensorInfo", "check_mergeable", "dtype_of", "read_safetensors_index", "resolve_model",
            "torch_dtype", "write_checkpoint"]
 
-# Files copied verbatim from the base checkpoint into an exported one (config.json is rewritten).
+# Files copied verbatim from the base checkpoint into an exported one (config.json is rewritten); all but
+# the first are the tokenizer's, which an export with its own tokenizer writes instead.
 SIDE_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -98,7 +100,7 @@ class Checkpoint(CheckpointHeader):
         for fd in getattr(self, "_handles", {}).values():
             try:
                 os.close(fd)
-            except OSError:
+            except (OSError, AttributeError):  # AttributeError: `os` already torn down at interpreter exit
                 pass
 
 
@@ -165,6 +167,7 @@ class CheckpointParts:
     side_files_from: Path  # tokenizer and generation config are copied from this folder
     plan: list[TensorInfo] | None = None
     extra_files: dict[str, str] = field(default_factory=dict)  # file name -> text, written beside the weights
+    tokenizer: Any = None  # a transformers tokenizer to save instead of copying the base's (a merged vocabulary)
 
 
 def write_checkpoint(
@@ -175,8 +178,10 @@ def write_checkpoint(
     side_files_from: Path,
     max_shard_bytes: int = 2 * 1024**3,
     plan: Sequence[TensorInfo] | None = None,
+    tokenizer: Any = None,
 ) -> list[Path]:
-    """Stream named tensors into sharded safetensors in `out` (which must exist), plus config and tokenizer.
+    """Stream named tensors into sharded safetensors in `out` (which must exist), plus config and tokenizer
+    (the base's files from `side_files_from`, or `tokenizer` saved with transformers when given).
 
     Memory holds one tensor at a time. With `plan` (every tensor's name, shape and dtype, in the order
     they will arrive) each shard's header is written first and each tensor goes straight to its offset.
@@ -190,9 +195,11 @@ def write_checkpoint(
         written = _write_spooled(tensors, out, max_shard_bytes)
     files = _name_shards(out, written)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in SIDE_FILES:
+    for name in SIDE_FILES[:1] if tokenizer is not None else SIDE_FILES:
         if (side_files_from / name).is_file():
             shutil.copy2(side_files_from / name, out / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return files
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.errors import ModelError
+from evomerge.models.layout import layer_index
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -247,7 +248,8 @@ def _pickled_tensors(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def check_mergeable(base: CheckpointHeader, sources: Iterable[tuple[str, CheckpointHeader]]) -> None:
-    """Every source must have exactly the base's tensor names and shapes."""
+    """Every source must have exactly the base's tensor names and shapes, except the rows (tokens) of its
+    embeddings and head: an instruct fine-tune that added tokens is merged by token (`vocab_differs`)."""
     sources = list(sources)
     _refuse_base_lacking(base, sources)
     for label, src in sources:
@@ -261,12 +263,39 @@ def check_mergeable(base: CheckpointHeader, sources: Iterable[tuple[str, Checkpo
                 f"model {label!r} {what} ({count} tensor names differ from the base){shard}; "
                 "merge only models fine-tuned from the same base architecture"
             )
+        token_rows = set(vocab_names(base)) & set(vocab_names(src))
         for name in base.names:
-            if src.shapes[name] != base.shapes[name]:
+            theirs, ours = src.shapes[name], base.shapes[name]
+            if theirs != ours and not (name in token_rows and theirs[1:] == ours[1:]):
                 raise ModelError(
-                    f"model {label!r}: tensor {name!r} has shape {list(src.shapes[name])}, "
-                    f"the base has {list(base.shapes[name])}; merge only models of the same size"
+                    f"model {label!r}: tensor {name!r} has shape {list(theirs)}, "
+                    f"the base has {list(ours)}; merge only models of the same size"
                 )
+
+
+# Tensors whose first axis is the vocabulary (mergekit's `vocabulary_axis: 0`), by a part of their name.
+VOCAB_TENSORS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "lm_head", "embed_out")
+
+
+def vocab_size(config: dict) -> int | None:
+    """The config's vocab_size (a multimodal model's text_config's), or None."""
+    size = config.get("vocab_size")
+    if isinstance(size, int):
+        return size
+    text = config.get("text_config")
+    return vocab_size(text) if isinstance(text, dict) else None
+
+
+def vocab_names(header: CheckpointHeader) -> list[str]:
+    """The embeddings and head: tensors outside the layers whose rows are the model's vocab_size tokens."""
+    size = vocab_size(header.config)
+    return [n for n in header.names if layer_index(n) is None and any(f in n for f in VOCAB_TENSORS)
+            and header.shapes[n][:1] == (size,)]
+
+
+def vocab_differs(base: CheckpointHeader, sources: Iterable[CheckpointHeader]) -> bool:
+    """Whether some source's embeddings or head have other rows than the base's (`check_mergeable` passed)."""
+    return any(src.shapes[n] != base.shapes[n] for src in sources for n in vocab_names(base))
 
 
 def _refuse_base_lacking(base: CheckpointHeader, sources: list[tuple[str, CheckpointHeader]]) -> None:

@@ -8,7 +8,7 @@ the model and tokenizer to score; nothing is written to disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,8 +18,11 @@ from evomerge.errors import ModelError
 from evomerge.merge import TaskVectors
 from evomerge.models.build import MergeCache, check_recipe, group_map, merge_named
 from evomerge.models.checkpoints import Checkpoint, check_mergeable, torch_dtype
+from evomerge.models.headers import vocab_differs, vocab_names
+from evomerge.models.vocab import output_tokenizer, plan_vocab, resolve_spec
 from evomerge.models.path_model import PathModels
 from evomerge.recipe import PathRecipe, Recipe
+from evomerge.recipe.tokenizer import TokenizerSpec
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class SourceTensors:
             one copy per node, shared by every worker that maps the same files. On a GPU, copied tensor by
             tensor like host.
     On a CPU device, host and device are the same thing: private copies in RAM.
+    Tensors `put` here (embeddings and head laid out by token, `models.vocab`) are private in every mode:
+    in mmap mode their bytes move from the shared page cache to this process.
     """
 
     def __init__(self, base: Checkpoint, sources: Sequence[Checkpoint], mode: str, devices: dict[str, torch.device]) -> None:
@@ -66,6 +71,7 @@ class SourceTensors:
         self.mode, self.names = mode, list(base.names)
         self.devices = devices  # tensor name -> the device of its live tensor
         self.streamed = mode != "device" and any(d.type == "cuda" for d in devices.values())
+        self.private: set[str] = set()  # names `put` here: held privately even in mmap mode
 
         def keep(ckpt: Checkpoint, name: str) -> torch.Tensor:
             if mode == "mmap":
@@ -79,13 +85,23 @@ class SourceTensors:
         self.base = {n: keep(base, n) for n in self.names}
         self.sources = {n: [keep(s, n) for s in sources] for n in self.names}
 
+    def put(self, name: str, base: torch.Tensor, sources: Sequence[torch.Tensor]) -> None:
+        """Replace tensor `name`'s inputs with these (private copies, placed as this mode places tensors)."""
+        def place(t: torch.Tensor) -> torch.Tensor:
+            if self.mode == "device":
+                return t.to(self.devices[name])
+            return t.cpu().pin_memory() if self.streamed else t.cpu()
+        self.base[name], self.sources[name] = place(base), [place(t) for t in sources]
+        self.private.add(name)
+
+    def _bytes(self, names: Iterable[str]) -> int:
+        return sum(t.nbytes for n in names for t in (self.base[n], *self.sources[n]))
+
     def resident_bytes(self) -> int:
-        if self.mode == "mmap":
-            return 0
-        return sum(t.nbytes for n in self.names for t in (self.base[n], *self.sources[n]))
+        return self._bytes([n for n in self.names if n in self.private] if self.mode == "mmap" else self.names)
 
     def mapped_bytes(self) -> int:
-        return sum(t.nbytes for n in self.names for t in (self.base[n], *self.sources[n])) if self.mode == "mmap" else 0
+        return self._bytes([n for n in self.names if n not in self.private]) if self.mode == "mmap" else 0
 
     def each(self) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
         """(name, base, sources) for every tensor, on the device of its live tensor. Streamed modes copy
@@ -133,14 +149,23 @@ class LiveMerge:
     Resident per parameter, for E bf16 sources and a bf16 live model: 2 bytes (the live model) plus
     2(E + 1) on the device (sources_on: device), or in host memory (host), or nothing private (mmap);
     with `merge_cache`, the MergeCache's 8 bytes per parameter per source on top.
+
+    Vocabularies. When the sources' embeddings have other rows than the base's (added tokens), or a recipe
+    has tokenizer settings, the live model is resized to the merged vocabulary, its tokenizer is the
+    merged one, and the embeddings and head of base and sources are laid out by token once (`models.vocab`),
+    not per candidate: 2(E + 1) bytes per embedding and head parameter (bf16), private in every
+    sources_on mode (in mmap mode they leave the page cache for this process); nothing for other tensors.
+    A recipe with other settings than the last one re-aligns once.
     """
 
     def __init__(self, base: str, sources: Sequence[str], options: LoadOptions) -> None:
         self.options, self.device = options, options.device
         self.model, self.tokenizer = load_model(base, options)
+        self.base_tokenizer = self.tokenizer
         self.base = Checkpoint.open(base, allow_pickle=options.allow_pickle)
         opened = [Checkpoint.open(s, allow_pickle=options.allow_pickle) for s in sources]
         check_mergeable(self.base, zip(sources, opened))
+        self.opened, self.refs = opened, (base, *sources)
         self.live = _live_tensors(self.model, self.base.names)
         source_bytes = sum(len(opened) * t.nbytes + t.nbytes for t in self.live.values())  # base and sources, about
         self.sources_on = choose_sources_on(options, source_bytes, sum(t.nbytes for t in self.live.values()))
@@ -152,10 +177,38 @@ class LiveMerge:
         # entry per source, built on the first candidate that needs it); off by default for large models.
         self.merge_cache = MergeCache() if options.merge_cache and not self.inputs.streamed else None
         self._group_maps: dict[tuple[int, tuple[str, ...]], dict[str, int]] = {}
+        self.vocab_differs = vocab_differs(self.base, opened)
+        self.vocab = resolve_spec(None, self.vocab_differs)  # the settings the live model is aligned for
+        if self.vocab.rebuilds:
+            self._align(self.vocab)
+
+    def _align(self, spec: TokenizerSpec) -> None:
+        """Resize the live model to `spec`'s vocabulary, take its tokenizer, lay out every model's
+        embeddings and head by token (once: candidates reuse them)."""
+        plan = plan_vocab(spec, list(zip(self.refs, [self.base, *self.opened])), trust_remote_code=self.options.trust_remote_code)
+        names = sorted(plan.names) if plan is not None else vocab_names(self.base)
+        rows = plan.size if plan is not None else self.base.shapes[names[0]][0] if names else None
+        if rows is not None and self.model.get_input_embeddings().weight.shape[0] != rows:
+            self.model.resize_token_embeddings(rows, mean_resizing=False)
+            self.live = _live_tensors(self.model, self.base.names)
+            self.inputs.devices.update({n: self.live[n].device for n in names})
+        for name in names:
+            tensors = [self.base.tensor(name), *(s.tensor(name) for s in self.opened)]
+            if plan is not None:
+                tensors = plan.align(tensors)
+            self.inputs.put(name, tensors[0], tensors[1:])
+        if plan is not None:
+            self.tokenizer = plan.tokenizer
+        else:  # rows by index: the base's tokenizer, with the spec's chat template if it names one
+            self.tokenizer = output_tokenizer(spec, self.base, self.opened, trust_remote_code=self.options.trust_remote_code) or self.base_tokenizer
+        self.vocab = spec
 
     @torch.no_grad()
     def build(self, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
         spec = check_recipe(recipe)
+        vocab = resolve_spec(recipe.tokenizer, self.vocab_differs)
+        if vocab != self.vocab:
+            self._align(vocab)
         key = (recipe.n_groups, recipe.kinds)  # a group map depends on nothing else in the recipe
         groups = self._group_maps.get(key) or self._group_maps.setdefault(key, group_map(recipe, self.base))
         for name, base, sources in self.inputs.each():

@@ -5,6 +5,9 @@ Two kinds of candidate meet behind `CandidateRecipe`:
 - `Recipe` (parameter.py): a merge of task vectors onto a base, per layer group (and tensor kind);
 - `PathRecipe` (path.py): a data-flow path through the layers of several models (Akiba et al. 2024).
 
+A merge recipe's `tokenizer` (`TokenizerSpec`, tokenizer.py) is mergekit's tokenizer settings: which
+tokens the merged model has. Model references are strings; `MODEL+ADAPTER` is a LoRA source (refs.py).
+
 Consumers that treat the kinds differently (building one into a worker's model, exporting it) dispatch
 on the recipe's type in one registry each (`models.live`, `export.checkpoint`), never by `isinstance`
 chains. Stored recipes tell their kind by `kind: path`; a merge recipe carries no kind.
@@ -18,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 from evomerge.errors import ConfigError
 from evomerge.recipe.parameter import MERGE_KIND, OTHER, SPLIT_KINDS, Filtered, ParamValue, Plain, Recipe, check_kinds, yaml_mapping
 from evomerge.recipe.path import PATH_KIND, PathRecipe, Slot
+from evomerge.recipe.refs import is_lora, split_lora
+from evomerge.recipe.tokenizer import TokenizerSpec, TokenSetting, TokenSource
 
 
 @runtime_checkable
@@ -57,5 +62,6 @@ def recipe_from_yaml(text: str) -> Recipe | PathRecipe:
 
 __all__ = [
     "MERGE_KIND", "OTHER", "PATH_KIND", "SPLIT_KINDS", "CandidateRecipe", "Filtered", "ParamValue", "PathRecipe", "Plain", "Recipe",
-    "Slot", "check_kinds", "recipe_from_dict", "recipe_from_yaml", "yaml_mapping",
+    "Slot", "TokenSetting", "TokenSource", "TokenizerSpec", "check_kinds", "is_lora", "recipe_from_dict", "recipe_from_yaml",
+    "split_lora", "yaml_mapping",
 ]

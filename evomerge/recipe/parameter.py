@@ -22,6 +22,10 @@ Arithmetic. `mergekit_dtype` None (the default) is evomerge's arithmetic: fp32 t
 to `dtype` at the end. A dtype name asks for mergekit's: inputs cast to that dtype and each method
 computed in it in mergekit's own order (mergekit YAML's `dtype:`; "auto": the inputs' promoted dtype,
 as mergekit does without one), for merges that must equal mergekit's.
+
+Vocabulary. `tokenizer` (a `TokenizerSpec`, mergekit's tokenizer settings) says which tokens the merged
+model has and how each model's embedding and head rows are aligned to them (`recipe.tokenizer`); None is
+the default: rows merged by index where every model has the base's vocabulary shape, else the union.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError, refuse_unknown_keys
+from evomerge.recipe.tokenizer import TokenizerSpec
 
 
 
@@ -67,7 +72,7 @@ Plain = float | tuple[float, ...]  # a ParamValue for one tensor: filters resolv
 SPLIT_KINDS = ("attention", "mlp")  # kinds that can have their own parameters; "other" takes the rest
 OTHER = "other"
 MERGE_KIND = "merge"  # a stored merge recipe carries no `kind:` key (recipes written before paths existed)
-_KEYS = ("method", "base", "sources", "seed", "dtype", "kinds", "groups", "mergekit_dtype")
+_KEYS = ("method", "base", "sources", "seed", "dtype", "kinds", "groups", "mergekit_dtype", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class Recipe:
     dtype: str = "auto"
     kinds: tuple[str, ...] = ()  # () = one mapping per layer group for every tensor
     mergekit_dtype: str | None = None  # None: evomerge's arithmetic; else mergekit's, in this dtype (module docstring)
+    tokenizer: TokenizerSpec | None = None  # the merged vocabulary (module docstring); None: the default
 
     def __post_init__(self) -> None:
         if self.kinds:
@@ -140,6 +146,8 @@ class Recipe:
         out: dict[str, Any] = {"method": self.method, "base": self.base, "sources": list(self.sources), "seed": self.seed, "dtype": self.dtype}
         if self.mergekit_dtype is not None:
             out["mergekit_dtype"] = self.mergekit_dtype
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.to_data()
         if not self.kinds:
             out["groups"] = [_group_to_dict(g) for g in self.groups]
             return out
@@ -166,6 +174,7 @@ class Recipe:
                 dtype=str(data.get("dtype", "auto")),
                 kinds=kinds,
                 mergekit_dtype=None if data.get("mergekit_dtype") is None else str(data["mergekit_dtype"]),
+                tokenizer=None if data.get("tokenizer") is None else TokenizerSpec.from_data(data["tokenizer"], "recipe tokenizer"),
             )
         except KeyError as exc:
             raise ConfigError(f"recipe error: required key {exc.args[0]!r} is missing") from None

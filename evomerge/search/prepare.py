@@ -3,8 +3,9 @@
 `prepare` checks that the storage can be written, reads model headers (not weights: a truncated file or
 a missing shard shows there), checks that the sources fit the base, builds the search space against the
 merge-method catalog, and loads the lm-eval tasks (their splits and metrics); the first problem stops it
-with a one-line EvomergeError. Trials of other studies named as models (PS+DFS) are exported to local
-checkpoints first, by a child process (`evomerge.export.trial_models`), since building them needs torch.
+with a one-line EvomergeError. Trials of other studies named as models (PS+DFS) and LoRA sources
+(MODEL+ADAPTER) are written as local checkpoints first, by a child process (`evomerge.export.trial_models`),
+since building them needs torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from evomerge.config import StudyConfig, TrialRef
 from evomerge.errors import ConfigError
 from evomerge.models.headers import CheckpointHeader, check_mergeable
 from evomerge.models.layout import num_layers
+from evomerge.recipe.refs import is_lora
 from evomerge.runtime.messages import WorkerSetup
 from evomerge.runtime.pool import DEFAULT_WORKER
 from evomerge.runtime.tasks import check_tasks
@@ -57,10 +59,10 @@ def prepare(cfg: StudyConfig, *, new_study: bool = True) -> Prepared:
 
 
 def materialize_trial_models(cfg: StudyConfig) -> StudyConfig:
-    """`cfg` with every trial reference in `models` replaced by the folder of that trial's checkpoint,
-    written by a child process (building a merge loads torch, which the controller never does)."""
+    """`cfg` with every trial reference and LoRA source (MODEL+ADAPTER) in `models` replaced by the folder
+    of its checkpoint, written by a child process (building one loads torch, which the controller never does)."""
     models = cfg.models
-    if not any(isinstance(ref, TrialRef) for ref in (models.base, *models.sources)):
+    if not any(isinstance(ref, TrialRef) or is_lora(ref) for ref in (models.base, *models.sources)):
         return cfg
     done = subprocess.run([sys.executable, "-m", "evomerge.export.trial_models"], input=cfg.to_yaml(),
                           capture_output=True, text=True)
