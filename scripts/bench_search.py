@@ -311,7 +311,7 @@ def mean_sd(values: list[float]) -> str:
 def table(results: list[RunResult], budget: int) -> str:
     marks = sorted({max(budget // 4, 1), max(budget // 2, 1)})
     head = ["optimizer", *[f"best fitness @{m}" for m in marks], f"best fitness @{budget}", "held-out of best",
-            "search s / run", "eval s / run", "examples / run", "failed", "pruned"]
+            "search s / run", "eval s / run", "examples / run", "failed / run", "pruned / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in METHODS:
         runs = [r for r in results if r.method == method]
@@ -320,8 +320,8 @@ def table(results: list[RunResult], budget: int) -> str:
         at = [mean_sd([r.best_so_far()[m - 1] for r in runs if len(r.curve) >= m]) for m in marks]
         cells = [LABELS[method], *at, f"**{mean_sd([r.best for r in runs])}**", f"**{mean_sd([r.heldout for r in runs])}**",
                  f"{statistics.fmean(r.search_s for r in runs):.0f}", f"{statistics.fmean(r.eval_s for r in runs):.0f}",
-                 f"{statistics.fmean(r.examples for r in runs):,.0f}", str(sum(r.failed for r in runs)),
-                 str(sum(r.pruned for r in runs))]
+                 f"{statistics.fmean(r.examples for r in runs):,.0f}", f"{statistics.fmean(r.failed for r in runs):.1f}",
+                 f"{statistics.fmean(r.pruned for r in runs):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
