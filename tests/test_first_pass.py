@@ -120,9 +120,13 @@ def test_few_shot_tasks_are_scored_again_in_full(worker: CandidateWorker) -> Non
 
 @pytest.mark.slow
 def test_optuna_sampler_with_a_first_pass(zoo_llama, tmp_path: Path) -> None:
-    """Samplers compare with every first pass known so far, after `warmup` candidates scored in full."""
+    """Samplers compare with every first pass known so far, after `warmup` candidates scored in full.
+
+    Which first passes are known at dispatch depends on timing, so the bar is set high (top 10%): a
+    candidate below the best of those known is pruned, and ten random TPE start-up candidates do not
+    come in increasing order of fitness."""
     cfg = load_config(zoo_config(zoo_llama, tmp_path, name="fp-tpe", trials=10, optimizer__kind="tpe",
-                                 evaluation__first_pass={"fraction": 0.25, "promote": 0.3, "warmup": 3}))
+                                 evaluation__first_pass={"fraction": 0.25, "promote": 0.1, "warmup": 3}))
     summary = run_search(prepare(cfg), progress=lambda s: None)
     trials = StudyStore.open(cfg.storage, "fp-tpe").study.get_trials()
     assert len(trials) == 10 and summary.trials == 10
