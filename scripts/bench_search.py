@@ -123,6 +123,7 @@ class MergekitEvolveController:
             warnings.simplefilter("ignore")
             self.es = cma.CMAEvolutionStrategy(x0.reshape(-1), sigma0, options)
         self.popsize = int(self.es.popsize)
+        self.lookahead, self.early = 0, []  # fmin2 asks whole generations: no candidate asked ahead
         self.clipped = 0
         self._raw: list[np.ndarray] = []
 

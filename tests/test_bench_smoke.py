@@ -42,7 +42,8 @@ def test_bench_sched() -> None:
 
 
 def test_bench_search(zoo_llama, tmp_path: Path) -> None:
-    run("bench_search.py", "--budget", "4", "--seeds", "1", "--methods", "cmaes", "--workers", "1",
+    # past one generation (popsize 10 with one worker), where each controller's next one is asked
+    run("bench_search.py", "--budget", "12", "--seeds", "1", "--methods", "cmaes", "mergekit", "--workers", "1",
         "--out", str(tmp_path), "--zoo", str(zoo_cache_dir()))
     assert (tmp_path / "bench_search.md").is_file()
 
