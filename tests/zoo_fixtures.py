@@ -39,3 +39,11 @@ def zoo_qwen2() -> Zoo:
 def zoo_gpt2() -> Zoo:
     """A briefly trained GPT-2 zoo (transformer.h.N naming, fused c_attn, tied embeddings)."""
     return build_zoo(zoo_cache_dir(), family="gpt2")
+
+
+@pytest.fixture(scope="session")
+def zoo_hard() -> Zoo:
+    """The hard zoo (issue 16; 4-layer d=128 Llama): a base weak on three skills, arith, rev and upper
+    specialists at 0.9 exact match or more on their own skill, the rev one over-trained so that it poisons
+    naive merges (the sum of the task vectors loses 0.2 or more). About two CPU minutes to build once."""
+    return build_zoo(zoo_cache_dir(), family="hard")

@@ -13,13 +13,20 @@ import datasets
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = ("fitness", "heldout")
+END = "\n"  # every target's end-of-answer marker (evomerge.zoo._data.END)
 
 
-def load(skill: str, **_metadata: object) -> dict[str, datasets.Dataset]:
-    """split name -> Dataset with columns prompt, target; lm-eval also passes task metadata, ignored."""
+def load(skill: str, answer_only: bool = False, **_metadata: object) -> dict[str, datasets.Dataset]:
+    """split name -> Dataset with columns prompt, target; lm-eval also passes task metadata, ignored.
+
+    answer_only: targets without their "\\n" end marker, for generate_until tasks (generation stops
+    at "\\n" and leaves it out of the answer it compares)."""
     out = {}
     for split in SPLITS:
         path = DATA_DIR / f"{skill}_{split}.jsonl"
         with path.open(encoding="utf-8") as fh:
-            out[split] = datasets.Dataset.from_list([json.loads(line) for line in fh if line.strip()])
+            rows = [json.loads(line) for line in fh if line.strip()]
+        if answer_only:
+            rows = [{**row, "target": row["target"].removesuffix(END)} for row in rows]
+        out[split] = datasets.Dataset.from_list(rows)
     return out

@@ -6,6 +6,11 @@ validation split the build holds out, and the build fails (`ZooBuildError`) if o
 deterministic generator makes the training data, that validation split and the lm-eval task data under
 evaluators/zoo/ (`write_eval_data`); training never sees a validation or eval prompt.
 
+`build_zoo(dir, family="hard")` is the hard zoo (issue 16): a third skill (upper), and the rev specialist
+over-trained past its target so that it poisons naive merges (a plain average of the three scores
+clearly below the best of them; the build checks it). Its tasks (evaluators/zoo/hard_*.yaml) score by
+generate_until with exact match; scripts/hard_zoo_references.py measures its reference merges.
+
     _build.py      build_zoo: recipes, targets, caching, atomic swap-in
     _train.py      the model families, the training loop, exact match
     _data.py       skills, text lines, eval and validation splits
@@ -13,8 +18,9 @@ evaluators/zoo/ (`write_eval_data`); training never sees a validation or eval pr
     demo.py        `evomerge demo`: zoo, search, export, a results table and a verdict
 """
 
-from evomerge.zoo._build import RECIPES, ZOO_VERSION, Zoo, ZooBuildError, ZooRecipe, build_zoo, zoo_fingerprint
+from evomerge.zoo._build import RECIPES, ZOO_VERSION, Overtrain, Zoo, ZooBuildError, ZooRecipe, build_zoo, zoo_fingerprint
 from evomerge.zoo._data import (
+    ALL_SKILLS,
     EVAL_SPLITS,
     SKILLS,
     Example,
@@ -27,8 +33,10 @@ from evomerge.zoo._data import (
 from evomerge.zoo._tokenizer import char_tokenizer
 
 __all__ = [
+    "ALL_SKILLS",
     "EVAL_SPLITS",
     "RECIPES",
+    "Overtrain",
     "SKILLS",
     "ZOO_VERSION",
     "Example",

@@ -10,6 +10,14 @@ the build holds out: on every machine the specialists end at the same skill, not
 outcome depends on the CPU's float rounding. The build checks its targets and fails (ZooBuildError) when a
 specialist misses its target within the step cap, or when the base is not weak on a skill.
 
+The hard zoo (family "hard", a Llama like the demo zoo's) adds a third skill and one over-trained
+specialist (`Overtrain`): after reaching its target it trains on its skill alone, at a higher lr, well
+past it. Its task vector grows (to 10x the norm of the upper one, which reached its target in as many
+steps) and overrides the others in a sum or a sign election, so naive merges of all three lose to tuned
+weights. The build checks that the sum of the task vectors scores clearly lower than it did before the
+over-training, and records which specialist was over-trained and how, with the plain average's and both
+sums' scores.
+
 Layout: <out_dir>/<family>/{zoo.json, base/, <skill>/...}. zoo.json is written last and holds the
 fingerprint (code version, seed, family, recipe) and every model's skill scores; a matching
 fingerprint means "done, reuse".
@@ -21,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 import zlib
@@ -48,6 +57,18 @@ class ZooBuildError(EvomergeError):
 
 
 @dataclass(frozen=True)
+class Overtrain:
+    """One specialist trained on past its skill target: `schedule` more steps on its skill alone (no
+    replay). The build then checks that it poisons naive merges: the sum of all task vectors (task
+    arithmetic, weights 1) scores at least `poison_margin` lower (mean exact match over the skills,
+    validation split) than the same sum with this specialist as it was at its target."""
+
+    skill: str
+    schedule: Schedule
+    poison_margin: float = 0.0
+
+
+@dataclass(frozen=True)
 class ZooRecipe:
     """Everything besides the seed that decides the zoo's weights (it is part of the fingerprint)."""
 
@@ -60,10 +81,22 @@ class ZooRecipe:
     # share of each fine-tune batch replayed from the base mix (see finetune_mix): the specialist keeps
     # what the base knew besides its own skill, so the task vectors add up instead of erasing each other
     replay: float = 0.2
-    skills: tuple[str, ...] = tuple(SKILLS)
+    skills: tuple[str, ...] = tuple(SKILLS)  # the llama, qwen2 and gpt2 zoos' (a change here changes them)
     skill_target: float | None = None  # a specialist's least exact match on its skill (validation split)
     base_ceiling: float | None = None  # the base's most exact match on any skill: weak, so merging has something to gain
     check_every: int = 25  # fine-tune steps between validation checks
+    # fields added after ZOO_VERSION 2's zoos were built: they enter the fingerprint only when set
+    # (LATER_FIELDS), so those zoos keep their fingerprints and caches
+    arch: str | None = None  # model family (`_train.new_model`); None: the zoo's own name
+    overtrain: Overtrain | None = None
+
+    def __post_init__(self) -> None:
+        if self.overtrain is not None and self.overtrain.skill not in self.skills:
+            raise ValueError(f"overtrain.skill = {self.overtrain.skill!r} is not one of the recipe's skills "
+                             f"({', '.join(self.skills)}); over-train one of them")
+
+
+LATER_FIELDS = ("arch", "overtrain")
 
 
 RECIPES: dict[str, ZooRecipe] = {
@@ -79,6 +112,19 @@ RECIPES: dict[str, ZooRecipe] = {
     "gpt2": ZooRecipe(ModelShape(n_layers=2, hidden=64, n_heads=4, intermediate=128),
                       pretrain=Schedule(steps=60, lr=2e-3, warmup_steps=10, cosine=True),
                       finetune=Schedule(steps=20, lr=5e-4)),
+    # the hard zoo (issue 16): the llama zoo's model and regime with a third skill (upper), and the rev
+    # specialist over-trained so that naive merges of the three lose to tuned weights. Measured while
+    # designing it (seed 0, validation split, mean exact match over the skills): 300 steps at lr 1e-3 drop
+    # the sum of the task vectors from 0.662 to 0.313, and a coarse weight grid's best from 0.862 to 0.698
+    # (weights 1, 0.25, 0.5); default TIES scores 0.33 either way, and the plain average rises from 0.113 to
+    # 0.493 (at 1/3 each, only the over-trained vector still acts). After 600 steps the grid's best (0.603)
+    # leaves rev out. 2 CPU-minutes on one idle core (arith takes 1400 fine-tune steps, rev and upper 25).
+    "hard": ZooRecipe(ModelShape(n_layers=4, hidden=128, n_heads=4, intermediate=256),
+                      pretrain=Schedule(steps=900, lr=1e-3, warmup_steps=100, cosine=True),
+                      finetune=Schedule(steps=3000, lr=2e-4), skill_target=0.9, base_ceiling=0.2,
+                      base_mix=(("text", 0.3), ("arith" + PROSE, 0.3), ("rev" + PROSE, 0.2), ("upper" + PROSE, 0.2)),
+                      skills=("arith", "rev", "upper"), arch="llama",
+                      overtrain=Overtrain("rev", Schedule(steps=300, lr=1e-3, warmup_steps=50), poison_margin=0.2)),
 }
 
 
@@ -91,7 +137,8 @@ class Zoo:
 
 
 def zoo_fingerprint(family: str, seed: int, recipe: ZooRecipe) -> str:
-    payload = json.dumps({"version": ZOO_VERSION, "family": family, "seed": seed, "recipe": asdict(recipe)}, sort_keys=True)
+    fields = {k: v for k, v in asdict(recipe).items() if not (k in LATER_FIELDS and v is None)}
+    payload = json.dumps({"version": ZOO_VERSION, "family": family, "seed": seed, "recipe": fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -192,26 +239,88 @@ def _training_env(n_threads: int) -> Iterator[None]:
 
 def _train_zoo(out: Path, family: str, seed: int, recipe: ZooRecipe, say: Callable[[str], None]) -> dict:
     """Train and save the base and every specialist into out, checking the recipe's skill targets;
-    returns what zoo.json records about them (skill scores per model, fine-tune steps per specialist)."""
+    returns what zoo.json records about them (skill scores per model, fine-tune steps per specialist,
+    and with an over-trained specialist, its schedule and the naive merges' scores)."""
     tokenizer = char_tokenizer()
     validation = {skill: validation_examples(skill) for skill in recipe.skills}
     torch.manual_seed(seed)
-    model = new_model(family, recipe.shape)
+    model = new_model(recipe.arch or family, recipe.shape)
     data = batches(training_examples(dict(recipe.base_mix), _derived_seed(seed, "base")), recipe.batch_size)
     train(model, data, recipe.pretrain, _reporter(say, f"pretraining {family} base", recipe.pretrain.steps), 10)
     scores = {"base": skill_scores(model, validation)}
     _check_base(family, recipe, scores["base"])
     _save(model, tokenizer, out / "base")
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    steps = {}
+    base_state = _copy(model)
+    steps, specialists, at_target = {}, {}, {}
     for skill in recipe.skills:
         model.load_state_dict(base_state)
         trained = _finetune(model, family, seed, skill, recipe, validation[skill], say)
         scores[skill], steps[skill] = skill_scores(model, validation), trained.steps
         _check_specialist(family, recipe, skill, scores[skill][skill], trained.steps)
+        if recipe.overtrain is not None and recipe.overtrain.skill == skill:
+            at_target = {skill: _copy(model)}
+            _overtrain(model, family, seed, recipe, say)
+            scores[skill] = skill_scores(model, validation)
+            _check_overtrained(family, recipe, scores[skill][skill])
         _save(model, tokenizer, out / skill)
+        specialists[skill] = _copy(model)
     _say_scores(say, scores, steps)
-    return {"skill_scores": scores, "finetune_steps": steps}
+    built = {"skill_scores": scores, "finetune_steps": steps}
+    if recipe.overtrain is None:
+        return built
+    merged = _naive_merges(model, base_state, specialists, at_target, validation, say)
+    _check_poisoned(family, recipe, merged)
+    # the over-trained specialist's steps to its target are in finetune_steps; these came after them
+    return {**built, "overtrained": {"skill": recipe.overtrain.skill, **asdict(recipe.overtrain.schedule)},
+            "naive_merge_scores": merged}
+
+
+NAIVE_MERGES = {  # zoo.json key -> what it is, as printed
+    "plain_average": "the mean of the specialists' weights",
+    "task_sum": "base + the sum of the task vectors: task arithmetic, weights 1",
+    "task_sum_at_target": "the same, the over-trained specialist as it was at its target",
+}
+
+
+def _naive_merges(model: PreTrainedModel, base: dict[str, torch.Tensor], specialists: dict[str, dict[str, torch.Tensor]],
+                  at_target: dict[str, dict[str, torch.Tensor]], validation: dict[str, list[Example]],
+                  say: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """NAIVE_MERGES of the specialists (at_target: the over-trained skill -> its weights at its target), each
+    loaded into model and scored on validation."""
+    before = list({**specialists, **at_target}.values())
+    states = {"plain_average": plain_average(list(specialists.values())),
+              "task_sum": task_sum(base, list(specialists.values())), "task_sum_at_target": task_sum(base, before)}
+    scores = {}
+    for name, state in states.items():
+        model.load_state_dict(state)
+        scores[name] = skill_scores(model, validation)
+        _say_row(say, name.replace("_", " "), scores[name], f"  ({NAIVE_MERGES[name]})")
+    return scores
+
+
+def _copy(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def plain_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of the models' weights, tensor by tensor (mergekit's `linear` with equal weights)."""
+    return {k: torch.stack([state[k] for state in states]).mean(0) for k in states[0]}
+
+
+def task_sum(base: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """base + the sum of the task vectors (model - base): task arithmetic with weights 1."""
+    return {k: b + torch.stack([state[k] - b for state in states]).sum(0) for k, b in base.items()}
+
+
+def _overtrain(model: PreTrainedModel, family: str, seed: int, recipe: ZooRecipe, say: Callable[[str], None]) -> Trained:
+    """Train on past the target: the skill alone (no replay: the model forgets the rest), recipe.overtrain's schedule."""
+    over = recipe.overtrain
+    if over is None:
+        raise ValueError(f"the {family} recipe over-trains no specialist")
+    data = batches(training_examples({over.skill: 1.0}, _derived_seed(seed, f"{over.skill}/overtrain")),
+                   recipe.batch_size, prompt_loss=False)
+    report = _reporter(say, f"over-training {family} {over.skill} (lr {over.schedule.lr:g}, no replay)", over.schedule.steps)
+    return train(model, data, over.schedule, report, 4)
 
 
 def _finetune(model: PreTrainedModel, family: str, seed: int, skill: str, recipe: ZooRecipe,
@@ -264,13 +373,39 @@ def _check_specialist(family: str, recipe: ZooRecipe, skill: str, score: float, 
             f"split in {steps} fine-tune steps (the cap), short of its target {recipe.skill_target}; {_REPORT}")
 
 
+def _check_overtrained(family: str, recipe: ZooRecipe, score: float) -> None:
+    over = recipe.overtrain
+    if over is not None and recipe.skill_target is not None and score < recipe.skill_target:
+        raise ZooBuildError(
+            f"zoo build failed: the {family} {over.skill} specialist fell to {score:.3f} exact match on its validation "
+            f"split after over-training ({over.schedule.steps} steps at lr {over.schedule.lr:g}), below its target "
+            f"{recipe.skill_target}; {_REPORT}")
+
+
+def _check_poisoned(family: str, recipe: ZooRecipe, merged: dict[str, dict[str, float]]) -> None:
+    """The over-trained specialist must poison naive merges: the sum of the task vectors at least
+    poison_margin lower than with that specialist at its target, by mean exact match over the skills."""
+    over = recipe.overtrain
+    if over is None:
+        return
+    poisoned, before = (statistics.fmean(merged[name].values()) for name in ("task_sum", "task_sum_at_target"))
+    if poisoned > before - over.poison_margin:
+        raise ZooBuildError(
+            f"zoo build failed: the sum of the {family} specialists' task vectors scores {poisoned:.3f} mean exact match "
+            f"(validation split), not {over.poison_margin} below the {before:.3f} it scores with the {over.skill} "
+            f"specialist at its target: over-training it does not poison naive merges; {_REPORT}")
+
+
 def _say_scores(say: Callable[[str], None], scores: dict[str, dict[str, float]], steps: dict[str, int]) -> None:
     say(f"zoo: skill scores (exact match on the build's validation split, {N_VALIDATION} prompts per skill):")
     for name, by_skill in scores.items():
-        label = "base" if name == "base" else f"{name} specialist"
-        cells = "  ".join(f"{skill} {score:.3f}" for skill, score in by_skill.items())
         tail = f"  ({steps[name]} fine-tune steps)" if name in steps else ""
-        say(f"zoo:   {label:<18} {cells}{tail}")
+        _say_row(say, "base" if name == "base" else f"{name} specialist", by_skill, tail)
+
+
+def _say_row(say: Callable[[str], None], label: str, by_skill: dict[str, float], tail: str = "") -> None:
+    cells = "  ".join(f"{skill} {score:.3f}" for skill, score in by_skill.items())
+    say(f"zoo:   {label:<18} {cells}{tail}")
 
 
 def _reporter(say: Callable[[str], None], label: str, total: int) -> Callable[[int, float], None]:

@@ -50,7 +50,15 @@ def _rev(rng: random.Random) -> Example:
     return Example(f"{word}>", f"{word[::-1]}{END}")
 
 
-SKILLS: dict[str, Callable[[random.Random], Example]] = {"arith": _arith, "rev": _rev}
+def _upper(rng: random.Random) -> Example:
+    """Upper-case a short lowercase string: `abc^ABC` (the hard zoo's third skill)."""
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    return Example(f"{word}^", f"{word.upper()}{END}")
+
+
+# every skill the zoo's data can teach and test; each recipe names the ones its zoo uses
+ALL_SKILLS: dict[str, Callable[[random.Random], Example]] = {"arith": _arith, "rev": _rev, "upper": _upper}
+SKILLS = {name: ALL_SKILLS[name] for name in ("arith", "rev")}  # the demo zoo's (the llama, qwen2, gpt2 zoos')
 
 
 def _word_list(n_words: int = 400) -> list[str]:
@@ -78,17 +86,21 @@ def text_line(rng: random.Random, max_chars: int = 13) -> str:
     return " ".join(words) + "." + END
 
 
+def _check_skill(skill: str) -> None:
+    if skill not in ALL_SKILLS:
+        raise ValueError(f"unknown zoo skill {skill!r}; known skills: {', '.join(ALL_SKILLS)}")
+
+
 def _eval_rng(skill: str) -> random.Random:
     return random.Random(zlib.crc32(f"eval/{skill}/0".encode()) + _EVAL_SEED)  # same seed as the committed files
 
 
 def eval_examples(skill: str) -> dict[str, list[Example]]:
     """split name -> N_EVAL_PER_SPLIT examples with distinct prompts, disjoint across splits."""
-    if skill not in SKILLS:
-        raise ValueError(f"unknown zoo skill {skill!r}; known skills: {', '.join(SKILLS)}")
+    _check_skill(skill)
     rng, seen, drawn = _eval_rng(skill), set(), []
     while len(drawn) < N_EVAL_PER_SPLIT * len(EVAL_SPLITS):
-        ex = SKILLS[skill](rng)
+        ex = ALL_SKILLS[skill](rng)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             drawn.append(ex)
@@ -103,12 +115,11 @@ def eval_prompts(skill: str) -> frozenset[str]:
 def validation_examples(skill: str) -> list[Example]:
     """N_VALIDATION examples with distinct prompts, none an eval prompt: the split the zoo build checks
     its specialists' skill on (the eval splits stay unseen by the build as well as by training)."""
-    if skill not in SKILLS:
-        raise ValueError(f"unknown zoo skill {skill!r}; known skills: {', '.join(SKILLS)}")
+    _check_skill(skill)
     rng = random.Random(zlib.crc32(f"validation/{skill}".encode()) + _VALIDATION_SEED)
     seen, drawn = set(eval_prompts(skill)), []
     while len(drawn) < N_VALIDATION:
-        ex = SKILLS[skill](rng)
+        ex = ALL_SKILLS[skill](rng)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             drawn.append(ex)
@@ -125,13 +136,13 @@ def jsonl_text(examples: list[Example]) -> str:
 
 
 def write_eval_data(out_dir: Path) -> list[Path]:
-    """Write `<out_dir>/<skill>_<split>.jsonl` for every skill and split; returns the paths written.
+    """Write `<out_dir>/<skill>_<split>.jsonl` for every skill (ALL_SKILLS) and split; returns the paths written.
 
     The committed files in evaluators/zoo/data/ come from `write_eval_data(Path("evaluators/zoo/data"))`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for skill in SKILLS:
+    for skill in ALL_SKILLS:
         for split, examples in eval_examples(skill).items():
             path = out_dir / f"{skill}_{split}.jsonl"
             path.write_text(jsonl_text(examples), encoding="utf-8")
@@ -141,7 +152,7 @@ def write_eval_data(out_dir: Path) -> list[Path]:
 
 def data_sources() -> tuple[str, ...]:
     """Every name a training mix may use: text, each skill, and each skill in prose."""
-    return ("text", *SKILLS, *(skill + PROSE for skill in SKILLS))
+    return ("text", *ALL_SKILLS, *(skill + PROSE for skill in ALL_SKILLS))
 
 
 def training_examples(mix: Mapping[str, float], seed: int) -> Iterator[Example]:
@@ -161,7 +172,7 @@ def training_examples(mix: Mapping[str, float], seed: int) -> Iterator[Example]:
             yield Example("", text_line(rng))
             continue
         skill = skills[source]
-        ex = SKILLS[skill](rng)
+        ex = ALL_SKILLS[skill](rng)
         if ex.prompt not in held_out[skill]:
             yield in_prose(ex) if source != skill else ex
 
