@@ -45,5 +45,5 @@ def zoo_gpt2() -> Zoo:
 def zoo_hard() -> Zoo:
     """The hard zoo (issue 16; 4-layer d=128 Llama): a base weak on three skills, arith, rev and upper
     specialists at 0.9 exact match or more on their own skill, the rev one over-trained so that it poisons
-    naive merges (the sum of the task vectors loses 0.2 or more). About two CPU minutes to build once."""
+    naive merges (the sum of the task vectors loses 0.15 or more). About two CPU minutes to build once."""
     return build_zoo(zoo_cache_dir(), family="hard")

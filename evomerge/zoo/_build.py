@@ -118,13 +118,14 @@ RECIPES: dict[str, ZooRecipe] = {
     # the sum of the task vectors from 0.662 to 0.313, and a coarse weight grid's best from 0.862 to 0.698
     # (weights 1, 0.25, 0.5); default TIES scores 0.33 either way, and the plain average rises from 0.113 to
     # 0.493 (at 1/3 each, only the over-trained vector still acts). After 600 steps the grid's best (0.603)
-    # leaves rev out. 2 CPU-minutes on one idle core (arith takes 1400 fine-tune steps, rev and upper 25).
+    # leaves rev out. Seeds 0, 1, 2: the sum fell by 0.35, 0.24, 0.32 (the margin checked: 0.15); arith took
+    # 1400, 950, 750 fine-tune steps, rev and upper 25. 2 CPU-minutes on one idle core (seed 0).
     "hard": ZooRecipe(ModelShape(n_layers=4, hidden=128, n_heads=4, intermediate=256),
                       pretrain=Schedule(steps=900, lr=1e-3, warmup_steps=100, cosine=True),
                       finetune=Schedule(steps=3000, lr=2e-4), skill_target=0.9, base_ceiling=0.2,
                       base_mix=(("text", 0.3), ("arith" + PROSE, 0.3), ("rev" + PROSE, 0.2), ("upper" + PROSE, 0.2)),
                       skills=("arith", "rev", "upper"), arch="llama",
-                      overtrain=Overtrain("rev", Schedule(steps=300, lr=1e-3, warmup_steps=50), poison_margin=0.2)),
+                      overtrain=Overtrain("rev", Schedule(steps=300, lr=1e-3, warmup_steps=50), poison_margin=0.15)),
 }
 
 
