@@ -1,4 +1,4 @@
-"""Search efficiency on the tiny zoo: best fitness per evaluation spent, four optimizers, one budget.
+"""Search efficiency on the tiny zoos: best fitness per evaluation spent, several optimizers, one budget.
 
 Every optimizer runs through evomerge's real search loop (`SearchRun`: Optuna study in SQLite, Ray
 workers building each candidate in memory, lm-eval scoring on the fitness split), on the same zoo, the
@@ -30,16 +30,31 @@ split by the same workers (`SearchRun.score_heldout`, top 1).
              estimator's quality every candidate is also scored in full afterwards (not counted): the
              Spearman correlation between its estimated and full fitness is reported per run
 
+Two more, run only when named in `--methods` (issue 16's candidates for a better default):
+
+  gp         Optuna's GP sampler over the `ties_or_dare` space (`optimizer.kind: gp`; a new trial whenever a
+             worker is free, random for the first max(workers, 4))
+  cmaes_ta   the default CMA-ES over a global task-arithmetic space: one weight per source in [0, 1.5] for
+             the whole model (TASK_ARITHMETIC_SPACE; 3 genes on the hard zoo), starting at weight 1
+
+`--family` picks the zoo: `llama` (default; tasks zoo_arith + zoo_rev, loglikelihood `acc`) or `hard`
+(issue 16: arith, rev and upper specialists, rev over-trained so that it poisons naive merges; tasks
+hard_arith + hard_rev + hard_upper, generate_until, `exact_match`). The hard zoo's results are written to
+bench_search_hard.*, with its reference merges (docs/results/hard_zoo.json, by
+scripts/hard_zoo_references.py) under the table.
+
 Controllers ask whole generations and the last one is truncated to the budget (SearchRun.generations),
 so every optimizer is charged exactly `--budget` evaluations. Ray and the two workers start once and one
 WorkerPool serves every run (the pool does not depend on the study).
 
     python scripts/bench_search.py                          # 5 x 3 seeds x 64 evaluations: 5 min on 2 cores
     python scripts/bench_search.py --budget 16 --seeds 1 --out /tmp/bench   # a quick look
+    python scripts/bench_search.py --family hard --methods cmaes random gp cmaes_ta   # issue 16's comparison
 
 Writes <out>/bench_search.md (table), bench_search.json (every curve) and bench_search.png (best-so-far
-curves, mean over seeds with the min..max band). matplotlib is imported lazily, for the plot only: it is
-not an evomerge dependency (`pip install matplotlib`); without it the plot is skipped with a note.
+curves, mean over seeds with the min..max band); bench_search_hard.* with `--family hard`. matplotlib is
+imported lazily, for the plot only: it is not an evomerge dependency (`pip install matplotlib`); without it
+the plot is skipped with a note.
 """
 
 from __future__ import annotations
@@ -70,7 +85,9 @@ from evomerge.search.spaces import encode_unit  # noqa: E402
 from evomerge.study import StudyStore, fitness_of  # noqa: E402
 from evomerge.zoo._data import N_EVAL_PER_SPLIT  # noqa: E402
 
-METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est")
+METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est")  # the default run
+EXTRA_METHODS = ("gp", "cmaes_ta")  # issue 16's candidates, run when named in --methods
+ALL_METHODS = METHODS + EXTRA_METHODS
 ESTIMATE = {"anchors": 0.25, "rescore_top": 3}
 LABELS = {
     "cmaes": "evomerge CMA-ES (default)",
@@ -80,7 +97,11 @@ LABELS = {
     "mergekit": "mergekit-evolve's CMA-ES",
     "cmaes_ties": "evomerge CMA-ES on mergekit's space",
     "cmaes_est": "evomerge CMA-ES + estimated fitness (anchors)",
+    "gp": "Optuna GP",
+    "cmaes_ta": "evomerge CMA-ES on a global task-arithmetic space",
 }
+CMAES_METHODS = ("cmaes", "mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est", "cmaes_ta")  # optimizer.kind cmaes
+SAMPLED = {"tpe": "TPE", "gp": "GP"}  # Optuna samplers: their proposals depend on the order trials finish
 FIRST_PASS = {"fraction": 0.25, "promote": 0.5}  # --first-pass-fraction, --first-pass-promote
 ZOO_EXAMPLES = N_EVAL_PER_SPLIT  # examples per split of each zoo task
 MERGEKIT_SPACE = {  # mergekit-evolve's genome as an evomerge space: one method, weight and density per group x model
@@ -88,6 +109,36 @@ MERGEKIT_SPACE = {  # mergekit-evolve's genome as an evomerge space: one method,
     "methods": ["ties"],
     "layer_groups": 2,
     "params": {"weight": {"low": 0.0, "high": 2.0}, "density": {"low": 1e-6, "high": 1.0}},
+}
+TASK_ARITHMETIC_SPACE = {  # cmaes_ta: one weight per source for the whole model, the presets' weight range
+    "kind": "parameter",
+    "methods": ["task_arithmetic"],
+    "layer_groups": 1,
+    "params": {"weight": {"low": 0.0, "high": 1.5}},
+}
+SPACES = {"mergekit": MERGEKIT_SPACE, "cmaes_ties": MERGEKIT_SPACE, "cmaes_ta": TASK_ARITHMETIC_SPACE}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the zoos the benchmark runs on."""
+
+    task_prefix: str  # the zoo's lm-eval tasks are <prefix>_<skill>
+    metric: str  # the tasks' metric in lm-eval's results
+    stem: str  # output files: <out>/<stem>.{md,json,png}
+    title: str  # the plot's title names the zoo
+    caption: str  # the zoo and its tasks, the table caption's first words
+    references: str | None = None  # docs/results file with the zoo's reference merges (hard_zoo_references.py)
+
+
+FAMILIES = {
+    "llama": Family("zoo", "acc", "bench_search", "Tiny zoo",
+                    "Tiny zoo (llama: 4 layers, d=128; arith + rev specialists), tasks zoo_arith + zoo_rev (200 examples "
+                    "per split, exact match)"),
+    "hard": Family("hard", "exact_match", "bench_search_hard", "Hard zoo",
+                   "Hard zoo (issue 16; hard: 4 layers, d=128; arith, rev and upper specialists, rev over-trained so "
+                   "that it poisons naive merges), tasks hard_arith + hard_rev + hard_upper (200 examples per split, "
+                   "generate_until, greedy, exact match)", references="hard_zoo.json"),
 }
 
 
@@ -194,16 +245,18 @@ class RunResult:
 
 
 def study_config(method: str, seed: int, zoo, budget: int, db: Path, workers: int) -> StudyConfig:
-    space = MERGEKIT_SPACE if method in ("mergekit", "cmaes_ties") else load_preset("ties_or_dare")
+    space = SPACES.get(method) or load_preset("ties_or_dare")
+    family = FAMILIES[zoo.family]
+    tasks = [{"name": f"{family.task_prefix}_{skill}", "metric": family.metric} for skill in zoo.specialists]
     return parse_config({
         "name": f"{method}-s{seed}",
         "storage": f"sqlite:///{db}",
         "models": {"base": str(zoo.base), "sources": [str(p) for p in zoo.specialists.values()]},
         "search_space": space,
-        "evaluation": {"tasks": [{"name": f"zoo_{skill}"} for skill in zoo.specialists], "heldout_top_k": 1,
+        "evaluation": {"tasks": tasks, "heldout_top_k": 1,
                        "first_pass": FIRST_PASS if method == "cmaes_fp" else None,
                        "estimate": ESTIMATE if method == "cmaes_est" else None},
-        "optimizer": {"kind": "cmaes" if method in ("mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est") else method, "seed": seed},
+        "optimizer": {"kind": "cmaes" if method in CMAES_METHODS else method, "seed": seed},
         "budget": {"trials": budget},
         "workers": {"n": workers},
     }, source=f"bench {method}")
@@ -314,7 +367,7 @@ def table(results: list[RunResult], budget: int) -> str:
     head = ["optimizer", *[f"best fitness @{m}" for m in marks], f"best fitness @{budget}", "held-out of best",
             "search s / run", "eval s / run", "examples / run", "failed / run", "pruned / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in METHODS:
+    for method in ALL_METHODS:
         runs = [r for r in results if r.method == method]
         if not runs:
             continue
@@ -327,7 +380,7 @@ def table(results: list[RunResult], budget: int) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[RunResult], budget: int, path: Path) -> str:
+def plot(results: list[RunResult], budget: int, path: Path, family: Family, reference: dict | None = None) -> str:
     try:
         import matplotlib
 
@@ -336,7 +389,7 @@ def plot(results: list[RunResult], budget: int, path: Path) -> str:
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    for method in METHODS:
+    for method in ALL_METHODS:
         curves = [r.best_so_far()[:budget] for r in results if r.method == method]
         if not curves:
             continue
@@ -345,18 +398,60 @@ def plot(results: list[RunResult], budget: int, path: Path) -> str:
         x = np.arange(1, n + 1)
         line, = ax.plot(x, np.nanmean(arr, axis=0), label=f"{LABELS[method]} ({len(curves)} seeds)")
         ax.fill_between(x, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=line.get_color(), alpha=0.15)
-    means = [np.nanmean([r.best_so_far()[max(budget // 8, 1) - 1] for r in results if r.method == m]) for m in METHODS
+    if reference is not None:
+        ax.axhline(reference["fitness"], color="black", linestyle="--", linewidth=1,
+                   label=f"hand-tuned reference (grid's best), fitness {reference['fitness']:.3f}")
+    means = [np.nanmean([r.best_so_far()[max(budget // 8, 1) - 1] for r in results if r.method == m]) for m in ALL_METHODS
              if any(r.method == m for r in results)]
     ax.set_ylim(bottom=max(0.0, min(means) - 0.05))  # the first few evaluations are off the bottom: the ends matter
     ax.set_xlabel("evaluations spent")
     ax.set_ylabel("best fitness so far (fitness split)")
-    ax.set_title("Tiny zoo: best fitness per evaluation (mean of seeds; band: min..max)", fontsize=10)
+    ax.set_title(f"{family.title}: best fitness per evaluation (mean of seeds; band: min..max)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return f"plot: {path} ({path.stat().st_size // 1024} KB)"
+
+
+# --- the hard zoo's reference merges --------------------------------------------------------------
+
+
+def load_references(family: Family, zoo) -> dict | None:
+    """The zoo's reference merges from docs/results (hard_zoo_references.py), or None where it has none.
+
+    Returns {"file", "date", "same_zoo", "lines": [{"name", "fitness", "heldout"}, ...]}, the hand-tuned
+    reference (the grid's best by fitness) first."""
+    path = REPO / "docs" / "results" / family.references if family.references else None
+    if path is None or not path.is_file():
+        return None
+    refs = json.loads(path.read_text())
+    rows = {r["name"]: r for r in refs["rows"]}
+    best_source = max((r for r in refs["rows"] if r["name"].startswith("source ")), key=lambda r: r["mean_heldout"])
+    grid = ", ".join(f"{g:g}" for g in refs["grid_values"])
+    named = [(f"hand-tuned reference: the best of the task-arithmetic grid {{{grid}}} per source by fitness, "
+              f"{refs['reference']['recipe']}", refs["reference"]),
+             *((name, rows[name]) for name in ("plain average", "default TIES", "task arithmetic, weights 1") if name in rows),
+             (f"best single source ({best_source['name'].removeprefix('source ')})", best_source)]
+    fingerprint = json.loads((zoo.root / "zoo.json").read_text())["fingerprint"]
+    return {"file": f"docs/results/{family.references}", "date": refs["date"],
+            "same_zoo": refs["zoo"]["fingerprint"] == fingerprint,
+            "lines": [{"name": name, "fitness": round(r["mean_fitness"], 4), "heldout": round(r["mean_heldout"], 4)}
+                      for name, r in named]}
+
+
+def references_text(refs: dict, results: list[RunResult]) -> str:
+    """The reference merges as a list under the table, and how many runs reach the hand-tuned one held-out."""
+    where = "the same zoo build" if refs["same_zoo"] else "ANOTHER build of the zoo (rerun scripts/hard_zoo_references.py)"
+    lines = [f"Reference merges ({refs['file']}, scripts/hard_zoo_references.py, {refs['date']}, on {where}; "
+             "each merge scored on both splits):", ""]
+    lines += [f"- {r['name']}: fitness {r['fitness']:.3f}, held-out **{r['heldout']:.3f}**" for r in refs["lines"]]
+    target = refs["lines"][0]["heldout"]
+    reached = [f"{LABELS[m]} {sum(r.heldout >= target for r in runs)}/{len(runs)}" for m in ALL_METHODS
+               if (runs := [r for r in results if r.method == m])]
+    lines += ["", f"Runs whose best trial's held-out reaches the hand-tuned reference's {target:.3f}: {', '.join(reached)}."]
+    return "\n".join(lines)
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -366,19 +461,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=64, help="evaluations per run")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
+    parser.add_argument("--family", choices=FAMILIES, default="llama", help="the zoo: llama (tiny) or hard (issue 16)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--zoo", type=Path, default=None, help="zoo cache folder (default: the test cache)")
     parser.add_argument("--verbose", action="store_true", help="print every trial")
     parser.add_argument("--first-pass-fraction", type=float, default=FIRST_PASS["fraction"], help="cmaes_fp: share of examples in the first pass")
     parser.add_argument("--first-pass-promote", type=float, default=FIRST_PASS["promote"], help="cmaes_fp: share of candidates scored in full")
-    parser.add_argument("--replot", action="store_true", help="only rewrite <out>/bench_search.{md,png} from its .json")
+    parser.add_argument("--replot", action="store_true", help="only rewrite <out>/bench_search[_hard].{md,png} from its .json")
     args = parser.parse_args(argv)
     FIRST_PASS.update(fraction=args.first_pass_fraction, promote=args.first_pass_promote)
+    family = FAMILIES[args.family]
     if args.replot:
-        data = json.loads((args.out / "bench_search.json").read_text())
-        print(report(data, [RunResult(**r) for r in data["runs"]], args.out))
+        data = json.loads((args.out / f"{family.stem}.json").read_text())
+        print(report(data, [RunResult(**r) for r in data["runs"]], args.out, family))
         return 0
 
     from evomerge.runtime.pool import WorkerPool, start_ray
@@ -389,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoo_fixtures import zoo_cache_dir
 
     wall_started = time.perf_counter()
-    zoo = build_zoo(args.zoo or zoo_cache_dir(), family="llama")
+    zoo = build_zoo(args.zoo or zoo_cache_dir(), family=args.family)
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
@@ -410,20 +507,32 @@ def main(argv: list[str] | None = None) -> int:
     wall_s = time.perf_counter() - wall_started
     data = {"budget": args.budget, "seeds": args.seeds, "workers": args.workers, "wall_s": round(wall_s, 1), "first_pass": FIRST_PASS,
             "worker_startup_s": round(pool.startup_s, 1), "runs": [asdict(r) for r in results]}
-    (args.out / "bench_search.json").write_text(json.dumps(data, indent=1))
-    print(report(data, results, args.out))
+    refs = load_references(family, zoo)
+    if refs is not None:  # the hard zoo only: the llama zoo's json keeps its keys
+        data["references"] = refs
+    (args.out / f"{family.stem}.json").write_text(json.dumps(data, indent=1))
+    print(report(data, results, args.out, family))
     return 0
 
 
-def report(data: dict, results: list[RunResult], out: Path) -> str:
-    """Write <out>/bench_search.md and .png from the runs; returns what to print."""
+def repeatability(methods: set[str]) -> str:
+    """Which rows repeat from run to run: the Optuna samplers' do not."""
+    sampled = [name for m, name in SAMPLED.items() if m in methods]
+    text = "The CMA-ES and random rows repeat exactly from run to run"
+    if not sampled:
+        return text + "."
+    whose = " and ".join(f"{name}'s" for name in sampled)
+    rows = "its row varies" if len(sampled) == 1 else "their rows vary"
+    return f"{text}; {whose} proposals depend on the order in which asynchronous trials finish, so {rows} between runs."
+
+
+def report(data: dict, results: list[RunResult], out: Path, family: Family) -> str:
+    """Write <out>/<stem>.md and .png from the runs; returns what to print."""
     md = table(results, data["budget"])
-    header = (f"Tiny zoo (llama: 4 layers, d=128; arith + rev specialists), tasks zoo_arith + zoo_rev (200 examples "
-              f"per split, exact match), {data['budget']} evaluations per run, {data['seeds']} seed(s), {data['workers']} "
+    header = (f"{family.caption}, {data['budget']} evaluations per run, {data['seeds']} seed(s), {data['workers']} "
               f"Ray workers (CPU, shared 2-core machine); mean ± sd over seeds. Held-out: the best trial re-scored on "
               f"the held-out split. Total wall time {data['wall_s'] / 60:.1f} min (worker start-up "
-              f"{data['worker_startup_s']:.0f}s). The CMA-ES and random rows repeat exactly from run to run; TPE's "
-              f"proposals depend on the order in which asynchronous trials finish, so its row varies between runs.")
+              f"{data['worker_startup_s']:.0f}s). {repeatability({r.method for r in results})}")
     if "first_pass" in data and any(r.method == "cmaes_fp" for r in results):
         fp = data["first_pass"]
         header += (f" First pass: every candidate on the first {fp['fraction']:.0%} of each task's examples, those "
@@ -436,9 +545,16 @@ def report(data: dict, results: list[RunResult], out: Path) -> str:
                    f"{ESTIMATE['rescore_top']} in full); Spearman correlation of estimated and full fitness over each "
                    f"run's candidates: {mean_sd([r.spearman for r in est])} (runs: "
                    + ", ".join(f"{r.spearman:.3f}" for r in est) + ").")
-    (out / "bench_search.md").write_text(f"{header}\n\n{md}\n")
-    note = plot(results, data["budget"], out / "bench_search.png")
-    return f"\n{header}\n\n{md}\n\n{note}\nwrote {out}/bench_search.{{md,json}}"
+    if any(r.method == "cmaes_ta" for r in results):
+        weight = TASK_ARITHMETIC_SPACE["params"]["weight"]
+        header += (f" Task-arithmetic space (cmaes_ta): one weight per source in [{weight['low']:g}, {weight['high']:g}] "
+                   "for the whole model, lambda 1.")
+    refs = data.get("references")
+    below = f"\n\n{references_text(refs, results)}" if refs else ""
+    (out / f"{family.stem}.md").write_text(f"{header}\n\n{md}{below}\n")
+    reference = refs["lines"][0] if refs else None
+    note = plot(results, data["budget"], out / f"{family.stem}.png", family, reference)
+    return f"\n{header}\n\n{md}{below}\n\n{note}\nwrote {out}/{family.stem}.{{md,json}}"
 
 
 if __name__ == "__main__":

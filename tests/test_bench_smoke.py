@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zoo_fixtures import zoo_cache_dir
+from zoo_fixtures import zoo_cache_dir, zoo_hard  # noqa: F401  (zoo_hard: a fixture conftest does not import)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,16 @@ def test_bench_search(zoo_llama, tmp_path: Path) -> None:
     run("bench_search.py", "--budget", "12", "--seeds", "1", "--methods", "cmaes", "mergekit", "--workers", "1",
         "--out", str(tmp_path), "--zoo", str(zoo_cache_dir()))
     assert (tmp_path / "bench_search.md").is_file()
+
+
+def test_bench_search_hard(zoo_hard, tmp_path: Path) -> None:
+    # the hard zoo's tasks (generate_until, exact_match) and issue 16's two extra methods; GP past its 4 random
+    # start-up trials. Its own file names: the tiny zoo's results are not overwritten
+    run("bench_search.py", "--family", "hard", "--budget", "5", "--seeds", "1", "--methods", "cmaes_ta", "gp",
+        "--workers", "1", "--out", str(tmp_path), "--zoo", str(zoo_cache_dir()))
+    text = (tmp_path / "bench_search_hard.md").read_text()
+    assert text.startswith("Hard zoo") and "| Optuna GP |" in text and "hand-tuned reference" in text
+    assert not (tmp_path / "bench_search.md").exists()
 
 
 def test_bench_throughput(zoo_llama, tmp_path: Path) -> None:
