@@ -6,6 +6,7 @@ held-out score. PS+DFS chains two studies: the PS study's best trial is one of t
 rev specialist), so it is charged the PS budget too.
 
     python scripts/bench_spaces.py [--trials 48] [--out docs/results/spaces.md]
+    python scripts/bench_spaces.py --trials 4 --workers 1 --spaces ps psdfs   # a smoke run (tests)
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from evomerge.zoo import build_zoo  # noqa: E402
 from zoo_fixtures import zoo_cache_dir  # noqa: E402
 
 
-def study(name: str, storage: str, base, sources: list, space: dict, trials: int) -> dict:
+SPACES = ("ps", "swap", "dfs", "psdfs")  # the table's rows, in order
+
+
+def study(name: str, storage: str, base, sources: list, space: dict, trials: int, workers: int) -> dict:
     return {
         "name": name, "storage": storage,
         "models": {"base": base, "sources": sources},
@@ -35,7 +39,7 @@ def study(name: str, storage: str, base, sources: list, space: dict, trials: int
         "evaluation": {"tasks": [{"name": "zoo_arith"}, {"name": "zoo_rev"}], "heldout_top_k": 1},
         "optimizer": {"kind": "cmaes", "seed": 0},
         "budget": {"trials": trials},
-        "workers": {"n": 2},
+        "workers": {"n": workers},
     }
 
 
@@ -50,22 +54,31 @@ def run(cfg: dict) -> tuple[float, float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=48)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--spaces", nargs="+", choices=SPACES, default=list(SPACES),
+                        help="which rows (psdfs needs ps: it chains the ps study's best)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if "psdfs" in args.spaces and "ps" not in args.spaces:
+        parser.error("--spaces psdfs chains the ps study's best trial: add ps")
     zoo = build_zoo(zoo_cache_dir(), family="llama")
     base, arith, rev = str(zoo.base), str(zoo.specialists["arith"]), str(zoo.specialists["rev"])
     storage = f"sqlite:///{tempfile.mkdtemp(prefix='bench-spaces-')}/spaces.db"
+    n, w = args.trials, args.workers
     spaces = {
-        "parameter space (ties_or_dare)": study("ps", storage, base, [arith, rev], "ties_or_dare", args.trials),
-        "layer swap (per layer)": study("swap", storage, base, [arith, rev], "layer_swap", args.trials),
-        "data-flow (dfs, r=2)": study("dfs", storage, base, [arith, rev], "dfs", args.trials),
-        "PS+DFS (PS best + rev)": study("psdfs", storage, base, [{"study": "ps", "storage": storage}, rev],
-                                        "dfs", args.trials),
+        "ps": ("parameter space (ties_or_dare)", study("ps", storage, base, [arith, rev], "ties_or_dare", n, w)),
+        "swap": ("layer swap (per layer)", study("swap", storage, base, [arith, rev], "layer_swap", n, w)),
+        "dfs": ("data-flow (dfs, r=2)", study("dfs", storage, base, [arith, rev], "dfs", n, w)),
+        "psdfs": ("PS+DFS (PS best + rev)",
+                  study("psdfs", storage, base, [{"study": "ps", "storage": storage}, rev], "dfs", n, w)),
     }
     rows = ["| space | evaluations | best fitness | held-out of best | wall s |", "|---|---|---|---|---|"]
-    for label, cfg in spaces.items():
+    for key in SPACES:
+        if key not in args.spaces:
+            continue
+        label, cfg = spaces[key]
         fitness, heldout, wall = run(cfg)
-        spent = args.trials * (2 if label.startswith("PS+DFS") else 1)
+        spent = args.trials * (2 if key == "psdfs" else 1)
         rows.append(f"| {label} | {spent} | {fitness:.3f} | {heldout:.3f} | {wall:.0f} |")
         print(rows[-1], flush=True)
     table = "\n".join(rows)
