@@ -183,8 +183,9 @@ def mergekit_child(spec_file: str) -> None:
     for name, shape in llama_shapes(config):
         tensors[name] = [synthetic_tensor(name, shape, s, torch.bfloat16).float() for s in range(spec["sources"] + 1)]
     times = {}
+    known = getattr(registry, "REGISTERED_MERGE_METHODS", None) or registry._METHODS  # the name moved between 0.1.5 builds
     for method, cands in spec["candidates"].items():
-        if method not in registry.REGISTERED_MERGE_METHODS:
+        if method not in known:
             continue
         merge = registry.get(method)
         runs = []
