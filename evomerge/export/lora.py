@@ -37,7 +37,7 @@ import torch
 from evomerge.dirs import cache_root
 from evomerge.errors import ConfigError, ModelError
 from evomerge.models.checkpoints import Checkpoint, TensorInfo, dtype_of, write_checkpoint
-from evomerge.models.headers import resolve_model
+from evomerge.models.headers import read_json_object, resolve_model
 from evomerge.recipe import PathRecipe, Recipe
 from evomerge.recipe.refs import is_lora, split_lora
 from evomerge.recipe.tokenizer import TokenizerSpec, TokenSetting
@@ -111,13 +111,7 @@ class Adapter:
 
 
 def _adapter_config(folder: Path, ref: str) -> dict:
-    file = folder / "adapter_config.json"
-    if not file.is_file():
-        raise ModelError(f"adapter {ref!r}: {folder} has no adapter_config.json; is it a peft LoRA adapter folder?")
-    try:
-        config = json.loads(file.read_text())
-    except ValueError:
-        raise ModelError(f"adapter {ref!r}: {file} is not valid JSON; fix or re-download it") from None
+    config = read_json_object(folder / "adapter_config.json", f"adapter {ref!r}", "is it a peft LoRA adapter folder?")
     if config.get("peft_type", "LORA") != "LORA":
         raise ModelError(f"adapter {ref!r}: peft_type {config.get('peft_type')!r}; evomerge applies LoRA adapters only")
     if config.get("use_dora"):

@@ -172,15 +172,20 @@ def _check_length(file: Path, data_end: int) -> None:
 
 
 def read_config(path: Path, ref: str) -> dict:
-    file = path / "config.json"
+    return read_json_object(path / "config.json", f"model {ref!r}", "is it a Hugging Face checkpoint folder?")
+
+
+def read_json_object(file: Path, label: str, missing_hint: str) -> dict:
+    """A model folder's JSON file (config.json, adapter_config.json) as a dict, or a one-line ModelError
+    that names the file and says how to fix it (`label`: whose file, e.g. "model 'x'")."""
     if not file.is_file():
-        raise ModelError(f"model {ref!r}: {path} has no config.json; is it a Hugging Face checkpoint folder?")
+        raise ModelError(f"{label}: {file.parent} has no {file.name}; {missing_hint}")
     try:
         config = json.loads(file.read_text())
     except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
-        raise ModelError(f"model {ref!r}: {file} is not valid JSON ({str(exc).splitlines()[0]}); fix or re-download it") from None
+        raise ModelError(f"{label}: {file} is not valid JSON ({str(exc).splitlines()[0]}); fix or re-download it") from None
     if not isinstance(config, dict):
-        raise ModelError(f"model {ref!r}: {file} holds a {type(config).__name__}, not a JSON object; fix or re-download it")
+        raise ModelError(f"{label}: {file} holds a {type(config).__name__}, not a JSON object; fix or re-download it")
     return config
 
 
