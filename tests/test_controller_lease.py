@@ -19,6 +19,7 @@ from evomerge.cli import main
 from evomerge.config import parse_config
 from evomerge.runtime.messages import JobFailure
 from evomerge.study import StudyStore
+from evomerge.study.lease_cell import LeaseCell
 from evomerge.study.lease import LEASE_ATTR, ControllerLease, LeaseHeldError, LeaseLostError, live_holder
 from evomerge.study.status import studies_table
 from fake_pool import fake_ray  # noqa: F401 (fixture)
@@ -44,6 +45,16 @@ def write_holder(store: StudyStore, *, host: str = "node-7", pid: int = 4242, re
     now = time.time()
     store.study.set_user_attr(LEASE_ATTR, {"host": host, "pid": pid, "since": now - 100, "renewed": now - renewed_ago_s,
                                            "ttl_s": 60.0, "token": "theirs"})
+
+
+def take_over(store: StudyStore) -> None:
+    """What another controller does once the lease has expired: a compare-and-set on what it read, which
+    fails (and is retried here) when the holder's heartbeat renewed the lease in between."""
+    cell = LeaseCell(store.study, LEASE_ATTR)
+    theirs = {"host": "node-7", "pid": 4242, "since": time.time() - 100, "renewed": time.time(), "ttl_s": 60.0,
+              "token": "theirs"}
+    while not cell.replace(cell.read(), theirs):
+        pass
 
 
 def dead_pid() -> int:
@@ -131,7 +142,7 @@ def test_a_search_that_loses_its_lease_stops_without_writing(zoo_llama, tmp_path
 
     def evaluate(pool, job):
         if job.trial == 2:  # paused past the expiry, and another controller took the study over meanwhile
-            write_holder(StudyStore.open(url, "t"))
+            take_over(StudyStore.open(url, "t"))
             time.sleep(0.2)
         return pool.score(job)
 

@@ -2,6 +2,7 @@
 
     store.py      StudyStore: trials, recipes, scores, optimizer checkpoints, history (the only writer); delete_study
     lease.py      ControllerLease: one controller per study (host, pid, since; heartbeat and expiry)
+    lease_cell.py LeaseCell: the lease attribute, changed only by compare-and-set (atomic per backend)
     storage.py    StorageUrl: sqlite / postgresql / journal URLs, parsed once
     status.py     plain-text tables of studies and trials
     dashboard.py  optuna-dashboard: recipe artifacts, the study note, the server

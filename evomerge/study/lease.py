@@ -12,7 +12,8 @@ Another controller is refused while the lease is live, with its holder named. A 
 ttl_s / 6 from a background thread, and before each study write it checks that it still holds it:
 a controller that was paused (SIGSTOP, a frozen VM) past the expiry finds the lease taken over and stops
 without writing another thing (`LeaseLostError`). Wall clocks of the hosts should agree to within
-ttl_s / 2; two controllers starting in the same instant are resolved at the next heartbeat.
+ttl_s / 2. Every change of the lease is a compare-and-set on the stored value (`LeaseCell`), so of
+two controllers that race for it, or a heartbeat that races a takeover, exactly one wins.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import optuna
 
 from evomerge.errors import StudyError
+from evomerge.study.lease_cell import LeaseCell
 
 LEASE_ATTR = "evomerge.lease"
 TTL_S = 60.0  # a killed controller on another host blocks its study this long after its last heartbeat
@@ -101,7 +103,9 @@ class ControllerLease:
 
     def __init__(self, study: optuna.Study, ttl_s: float | None = None) -> None:
         self.study = study
+        self.cell = LeaseCell(study, LEASE_ATTR)
         self.mine = Holder.new(TTL_S if ttl_s is None else ttl_s)
+        self._written: dict | None = None  # the value this lease last stored
         self.took_over: Holder | None = None  # an unreleased lease of a stopped controller, taken over
         self._lock = threading.Lock()
         self._renewed_at = -math.inf  # time.monotonic() of the last renewal
@@ -116,11 +120,14 @@ class ControllerLease:
 
     def acquire(self) -> None:
         """Take the lease (a LeaseHeldError while another controller holds it) and start the heartbeat."""
-        previous = Holder.from_attr(self.study.user_attrs.get(LEASE_ATTR))
-        if previous is not None and previous.live(time.time()):
-            raise LeaseHeldError(_held_message(self.study.study_name, previous))
+        while True:  # again only when another writer changed the lease between the read and the write
+            stored = self.cell.read()
+            previous = Holder.from_attr(stored)
+            if previous is not None and previous.live(time.time()):
+                raise LeaseHeldError(_held_message(self.study.study_name, previous))
+            if self._write(stored, self.mine):
+                break
         self.took_over = previous
-        self._write(self.mine)
         self._thread = threading.Thread(target=self._beat, name="evomerge-lease", daemon=True)
         self._thread.start()
 
@@ -138,11 +145,10 @@ class ControllerLease:
         with self._lock:
             if self._lost is not None:
                 raise self._lost
-            current = Holder.from_attr(self.study.user_attrs.get(LEASE_ATTR))
-            if current is None or current.token != self.mine.token:
+            if not self._write(self._written, dataclasses.replace(self.mine, renewed=time.time())):
+                current = Holder.from_attr(self.cell.read())
                 self._lost = LeaseLostError(_lost_message(self.study.study_name, current, self.mine.ttl_s))
                 raise self._lost
-            self._write(dataclasses.replace(self.mine, renewed=time.time()))
 
     def release(self) -> None:
         """Stop the heartbeat and clear the lease, if it is still ours."""
@@ -152,13 +158,16 @@ class ControllerLease:
         with self._lock:
             if self._lost is not None:
                 return
-            current = Holder.from_attr(self.study.user_attrs.get(LEASE_ATTR))
-            if current is not None and current.token == self.mine.token:
-                self.study.set_user_attr(LEASE_ATTR, None)
+            self.cell.replace(self._written, None)  # a no-op when another controller holds it now
 
-    def _write(self, holder: Holder) -> None:
-        self.study.set_user_attr(LEASE_ATTR, dataclasses.asdict(holder))
+    def _write(self, expected: object, holder: Holder) -> bool:
+        """Store `holder` if the lease still holds `expected`; False when someone else wrote it since."""
+        value = dataclasses.asdict(holder)
+        if not self.cell.replace(expected, value):
+            return False
+        self._written = value
         self._renewed_at = time.monotonic()
+        return True
 
     def _beat(self) -> None:
         """Renew every ttl / 6 until released or lost. A failed renewal (storage unreachable) is retried at
