@@ -23,6 +23,7 @@ from evomerge.recipe import OTHER, SPLIT_KINDS as SPLIT_TENSOR_KINDS
 from evomerge.recipe.refs import is_lora, split_lora
 
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
+DEFAULT_SEARCH_SPACE = "task_arithmetic"  # the preset a config without search_space gets (issue 16; bench_search)
 
 
 class _Strict(BaseModel):
@@ -322,7 +323,8 @@ class StudyConfig(_Strict):
     name: str = "evomerge"
     storage: str = DEFAULT_STORAGE
     models: ModelsConfig
-    search_space: SearchSpaceConfig
+    search_space: SearchSpaceConfig = Field(description="a preset name (search_spaces/NAME.yaml) or a space; "
+                                            "omitted: the default preset, task_arithmetic")
     evaluation: EvaluationConfig
     optimizer: OptimizerConfig = OptimizerConfig()
     budget: BudgetConfig = BudgetConfig()
@@ -331,6 +333,8 @@ class StudyConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_space_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("search_space") is None:  # omitted: the default preset, expanded
+            data = {**data, "search_space": {"kind": "parameter", **load_preset(DEFAULT_SEARCH_SPACE)}}
         space = data.get("search_space") if isinstance(data, dict) else None
         if isinstance(space, dict) and "kind" not in space:
             return {**data, "search_space": {"kind": "parameter", **space}}

@@ -5,9 +5,12 @@ workers building each candidate in memory, lm-eval scoring on the fitness split)
 same tasks and the same budget of evaluations; the best trial of each run is then scored on the held-out
 split by the same workers (`SearchRun.score_heldout`, top 1).
 
-  cmaes      evomerge's default: pycma CMA-ES over the demo's `ties_or_dare` space (9 genes: the method,
-             weight and density per source in 2 layer groups), default popsize and sigma0, bounds [0, 1]
-  random     uniform random search over the same space (`optimizer.kind: random`)
+  cmaes      evomerge's default: pycma CMA-ES over the default space, the `task_arithmetic` preset (one
+             weight per source in [0, 1.5] for the whole model, starting at 1; 2 genes on the tiny zoo, 3 on
+             the hard one), default popsize and sigma0, bounds [0, 1] in the unit cube
+  cmaes_tod  the same CMA-ES over `ties_or_dare`, the default space before issue 16 (9 genes on the tiny
+             zoo: the method, weight and density per source in 2 layer groups; 13 on the hard zoo)
+  random     uniform random search over the default space (`optimizer.kind: random`)
   tpe        Optuna's TPE over the same space (`optimizer.kind: tpe`; a new trial whenever a worker is free)
   mergekit   what mergekit-evolve 0.1.5 does (mergekit/scripts/evolve.py, mergekit/evo/genome.py):
              `cma.fmin2(parallel_objective=..., x0, sigma0=1/6)`, no bounds, no restarts, pycma's default
@@ -30,12 +33,13 @@ split by the same workers (`SearchRun.score_heldout`, top 1).
              estimator's quality every candidate is also scored in full afterwards (not counted): the
              Spearman correlation between its estimated and full fitness is reported per run
 
-Two more, run only when named in `--methods` (issue 16's candidates for a better default):
+One more, run only when named in `--methods`:
 
-  gp         Optuna's GP sampler over the `ties_or_dare` space (`optimizer.kind: gp`; a new trial whenever a
+  gp         Optuna's GP sampler over the default space (`optimizer.kind: gp`; a new trial whenever a
              worker is free, random for the first max(workers, 4))
-  cmaes_ta   the default CMA-ES over a global task-arithmetic space: one weight per source in [0, 1.5] for
-             the whole model (TASK_ARITHMETIC_SPACE; 3 genes on the hard zoo), starting at weight 1
+
+The options over `ties_or_dare` measured before the default changed (random search, GP, CMA-ES over a
+global task-arithmetic space) are kept in docs/results/bench_search_hard_ties_or_dare.md.
 
 `--family` picks the zoo: `llama` (default; tasks zoo_arith + zoo_rev, loglikelihood `acc`) or `hard`
 (issue 16: arith, rev and upper specialists, rev over-trained so that it poisons naive merges; tasks
@@ -47,9 +51,9 @@ Controllers ask whole generations and the last one is truncated to the budget (S
 so every optimizer is charged exactly `--budget` evaluations. Ray and the two workers start once and one
 WorkerPool serves every run (the pool does not depend on the study).
 
-    python scripts/bench_search.py                          # 5 x 3 seeds x 64 evaluations: 5 min on 2 cores
+    python scripts/bench_search.py                          # 8 x 3 seeds x 64 evaluations: 6 min on 2 cores
     python scripts/bench_search.py --budget 16 --seeds 1 --out /tmp/bench   # a quick look
-    python scripts/bench_search.py --family hard --methods cmaes random gp cmaes_ta   # issue 16's comparison
+    python scripts/bench_search.py --family hard --methods cmaes cmaes_tod random gp cmaes_est   # issue 16
 
 Writes <out>/bench_search.md (table), bench_search.json (every curve) and bench_search.png (best-so-far
 curves, mean over seeds with the min..max band); bench_search_hard.* with `--family hard`. matplotlib is
@@ -79,18 +83,19 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evomerge.config import OPTUNA_SAMPLERS, StudyConfig, load_preset, parse_config  # noqa: E402
+from evomerge.config import DEFAULT_SEARCH_SPACE, OPTUNA_SAMPLERS, StudyConfig, load_preset, parse_config  # noqa: E402
 from evomerge.search.controllers import make_controller  # noqa: E402
 from evomerge.search.spaces import encode_unit  # noqa: E402
 from evomerge.study import StudyStore, fitness_of  # noqa: E402
 from evomerge.zoo._data import N_EVAL_PER_SPLIT  # noqa: E402
 
-METHODS = ("cmaes", "random", "tpe", "mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est")  # the default run
-EXTRA_METHODS = ("gp", "cmaes_ta")  # issue 16's candidates, run when named in --methods
+METHODS = ("cmaes", "cmaes_tod", "random", "tpe", "mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est")  # the default run
+EXTRA_METHODS = ("gp",)  # run when named in --methods
 ALL_METHODS = METHODS + EXTRA_METHODS
 ESTIMATE = {"anchors": 0.25, "rescore_top": 3}
 LABELS = {
     "cmaes": "evomerge CMA-ES (default)",
+    "cmaes_tod": "evomerge CMA-ES on ties_or_dare (the previous default)",
     "cmaes_fp": "evomerge CMA-ES + first pass (multi-fidelity)",
     "random": "random search",
     "tpe": "Optuna TPE",
@@ -98,9 +103,8 @@ LABELS = {
     "cmaes_ties": "evomerge CMA-ES on mergekit's space",
     "cmaes_est": "evomerge CMA-ES + estimated fitness (anchors)",
     "gp": "Optuna GP",
-    "cmaes_ta": "evomerge CMA-ES on a global task-arithmetic space",
 }
-CMAES_METHODS = ("cmaes", "mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est", "cmaes_ta")  # optimizer.kind cmaes
+CMAES_METHODS = ("cmaes", "cmaes_tod", "mergekit", "cmaes_ties", "cmaes_fp", "cmaes_est")  # optimizer.kind cmaes
 SAMPLED = {"tpe": "TPE", "gp": "GP"}  # Optuna samplers: their proposals depend on the order trials finish
 FIRST_PASS = {"fraction": 0.25, "promote": 0.5}  # --first-pass-fraction, --first-pass-promote
 ZOO_EXAMPLES = N_EVAL_PER_SPLIT  # examples per split of each zoo task
@@ -110,13 +114,7 @@ MERGEKIT_SPACE = {  # mergekit-evolve's genome as an evomerge space: one method,
     "layer_groups": 2,
     "params": {"weight": {"low": 0.0, "high": 2.0}, "density": {"low": 1e-6, "high": 1.0}},
 }
-TASK_ARITHMETIC_SPACE = {  # cmaes_ta: one weight per source for the whole model, the presets' weight range
-    "kind": "parameter",
-    "methods": ["task_arithmetic"],
-    "layer_groups": 1,
-    "params": {"weight": {"low": 0.0, "high": 1.5}},
-}
-SPACES = {"mergekit": MERGEKIT_SPACE, "cmaes_ties": MERGEKIT_SPACE, "cmaes_ta": TASK_ARITHMETIC_SPACE}
+SPACES = {"mergekit": MERGEKIT_SPACE, "cmaes_ties": MERGEKIT_SPACE, "cmaes_tod": "ties_or_dare"}  # else the default
 
 
 @dataclass(frozen=True)
@@ -245,7 +243,8 @@ class RunResult:
 
 
 def study_config(method: str, seed: int, zoo, budget: int, db: Path, workers: int) -> StudyConfig:
-    space = SPACES.get(method) or load_preset("ties_or_dare")
+    space = SPACES.get(method, DEFAULT_SEARCH_SPACE)
+    space = load_preset(space) if isinstance(space, str) else space
     family = FAMILIES[zoo.family]
     tasks = [{"name": f"{family.task_prefix}_{skill}", "metric": family.metric} for skill in zoo.specialists]
     return parse_config({
@@ -363,7 +362,7 @@ def mean_sd(values: list[float]) -> str:
 
 
 def table(results: list[RunResult], budget: int) -> str:
-    marks = sorted({max(budget // 4, 1), max(budget // 2, 1)})
+    marks = sorted({m for m in (16, 32, 64) if m < budget} | {max(budget // 4, 1), max(budget // 2, 1)} - {budget})
     head = ["optimizer", *[f"best fitness @{m}" for m in marks], f"best fitness @{budget}", "held-out of best",
             "search s / run", "eval s / run", "examples / run", "failed / run", "pruned / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -545,10 +544,9 @@ def report(data: dict, results: list[RunResult], out: Path, family: Family) -> s
                    f"{ESTIMATE['rescore_top']} in full); Spearman correlation of estimated and full fitness over each "
                    f"run's candidates: {mean_sd([r.spearman for r in est])} (runs: "
                    + ", ".join(f"{r.spearman:.3f}" for r in est) + ").")
-    if any(r.method == "cmaes_ta" for r in results):
-        weight = TASK_ARITHMETIC_SPACE["params"]["weight"]
-        header += (f" Task-arithmetic space (cmaes_ta): one weight per source in [{weight['low']:g}, {weight['high']:g}] "
-                   "for the whole model, lambda 1.")
+    weight = load_preset(DEFAULT_SEARCH_SPACE)["params"]["weight"]
+    header += (f" Default space (`{DEFAULT_SEARCH_SPACE}`): one task-arithmetic weight per source in "
+               f"[{weight['low']:g}, {weight['high']:g}] for the whole model, lambda 1.")
     refs = data.get("references")
     below = f"\n\n{references_text(refs, results)}" if refs else ""
     (out / f"{family.stem}.md").write_text(f"{header}\n\n{md}{below}\n")

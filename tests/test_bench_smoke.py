@@ -43,16 +43,16 @@ def test_bench_sched() -> None:
 
 def test_bench_search(zoo_llama, tmp_path: Path) -> None:
     # past one generation (popsize 10), where the controller's next one is asked; evomerge's own CMA-ES
-    # runs in test_bench_search_hard (cmaes_ta) and in every search test
+    # runs in test_bench_search_hard and in every search test
     run("bench_search.py", "--budget", "11", "--seeds", "1", "--methods", "mergekit", "--workers", "1",
         "--out", str(tmp_path), "--zoo", str(zoo_cache_dir()))
     assert (tmp_path / "bench_search.md").is_file()
 
 
 def test_bench_search_hard(zoo_hard, tmp_path: Path) -> None:
-    # the hard zoo's tasks (generate_until, exact_match) and issue 16's two extra methods; GP past its 4 random
-    # start-up trials. Its own file names: the tiny zoo's results are not overwritten
-    run("bench_search.py", "--family", "hard", "--budget", "5", "--seeds", "1", "--methods", "cmaes_ta", "gp",
+    # the hard zoo's tasks (generate_until, exact_match), the default CMA-ES and GP (past its 4 random
+    # start-up trials). Its own file names: the tiny zoo's results are not overwritten
+    run("bench_search.py", "--family", "hard", "--budget", "5", "--seeds", "1", "--methods", "cmaes", "gp",
         "--workers", "1", "--out", str(tmp_path), "--zoo", str(zoo_cache_dir()))
     text = (tmp_path / "bench_search_hard.md").read_text()
     assert text.startswith("Hard zoo") and "| Optuna GP |" in text and "hand-tuned reference" in text

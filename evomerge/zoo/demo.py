@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.config import load_config
+from evomerge.config import DEFAULT_SEARCH_SPACE, load_config
 from evomerge.export import export_trial, write_recipe_checkpoint
 from evomerge.recipe import Recipe
 from evomerge.runtime.scoring import LmEvalScorer
@@ -30,7 +30,7 @@ from evomerge.search import prepare, run_search, task_specs
 from evomerge.study import StudyStore
 
 DEMO_TRIALS = 48
-DEMO_SPACE = "ties_or_dare"
+DEMO_SPACE = DEFAULT_SEARCH_SPACE
 EVOLVED = "evolved (exported)"
 DEFAULT_TIES = "default TIES (density 0.5, weight 1)"
 SPECIALIST = "specialist "  # row-name prefix of each source model
