@@ -36,6 +36,16 @@ def test_preset_fields_can_be_overridden(tmp_path: Path) -> None:
     assert cfg.search_space.layer_groups == 4 and cfg.search_space.methods == ["ties"]
 
 
+def test_a_config_without_a_space_gets_the_default_preset_written_out(tmp_path: Path) -> None:
+    from evomerge.config import DEFAULT_SEARCH_SPACE, load_preset
+
+    cfg = load_config(write(tmp_path, GOOD.replace("search_space: ties\n", "")))
+    preset = load_preset(DEFAULT_SEARCH_SPACE)
+    assert cfg.search_space.methods == preset["methods"] == ["task_arithmetic"]
+    assert cfg.search_space.layer_groups == preset["layer_groups"]
+    assert "methods:\n  - task_arithmetic" in cfg.to_yaml()  # stored expanded: a later default cannot change a study
+
+
 @pytest.mark.parametrize("edit,message", [
     (("budget: {trials: 4}", "budget: {trials: 4, tirals: 3}"), r"budget\.tirals: unknown key \(did you mean: trials\?\)"),
     (("name: t", "nmae: t"), r"nmae: unknown key \(did you mean: name\?\)"),
