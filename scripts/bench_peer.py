@@ -2,7 +2,7 @@
 
   (a) evomerge: `scripts/bench_search.py`'s `run_one` (SearchRun, SQLite study, Ray CPU workers building
       each candidate in memory, lm-eval on the fitness split, then the best trial on the held-out split),
-      for two optimizers: `cmaes` (evomerge's default CMA-ES over the demo's `ties_or_dare` space) and
+      for two optimizers: `cmaes` (evomerge's default CMA-ES over the default `task_arithmetic` space) and
       `mergekit` (mergekit-evolve's CMA-ES settings and 8-gene ties genome inside evomerge's loop), one
       run per seed.
   (b) mergekit-evolve 0.1.5, unmodified, in its side venv, as a subprocess per run: its own CLI `main`,
@@ -342,7 +342,7 @@ def _per_min(rows: list[dict], startup: float | None = None, *, with_startup: bo
 
 def summarize(data: dict) -> tuple[str, dict]:
     ev, peers, budget = data["evomerge"], data["peer"], data["budget"]
-    groups = [("evomerge, default CMA-ES (`ties_or_dare`, 9 genes)", [r for r in ev if r["method"] == "cmaes"], "ev"),
+    groups = [("evomerge, default CMA-ES (`task_arithmetic`)", [r for r in ev if r["method"] == "cmaes"], "ev"),
               ("evomerge, mergekit-evolve's CMA-ES + genome (ties, 8 genes)", [r for r in ev if r["method"] == "mergekit"], "ev")]
     if peers:
         groups.append(("mergekit-evolve 0.1.5 (on-disk `pool` strategy, 3 shims)", peers, "mk"))

@@ -1,9 +1,10 @@
 """Throughput on the tiny zoo: candidates per minute end to end, with 1 and with 2 workers.
 
-Real pieces throughout: evomerge's `SearchRun` loop with its default CMA-ES over the demo's
-`ties_or_dare` space, a SQLite study, Ray workers (`WorkerPool`) building each candidate in memory and
-scoring it with lm-eval (zoo_arith + zoo_rev, 200 examples each, fitness split). One script run measures
-both worker counts, one after the other, on the same Ray instance; for each:
+Real pieces throughout: evomerge's `SearchRun` loop with its CMA-ES over the `ties_or_dare` space (TIES
+and DARE-TIES builds: they cost more per candidate than the default space's task arithmetic), a SQLite
+study, Ray workers (`WorkerPool`) building each candidate in memory and scoring it with lm-eval
+(zoo_arith + zoo_rev, 200 examples each, fitness split). One script run measures both worker counts,
+one after the other, on the same Ray instance; for each:
 
   wall_s         the search loop (SearchRun.generations), worker start-up excluded (reported apart)
   merge_s        summed over trials: building candidates in the live model (trial attr merge_s)
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n} worker(s): {rows[-1].per_min:.0f} candidates/min, {rows[-1].failed} failed {rows[-1].fail_reasons}", flush=True)
     md = table(rows)
     speedup = f" 2 workers vs 1: {rows[-1].per_min / rows[0].per_min:.2f}x." if len(rows) > 1 else ""
-    header = (f"Tiny zoo (llama), `ties_or_dare`, evomerge's default CMA-ES (popsize 10), {args.trials} trials per row, "
+    header = (f"Tiny zoo (llama), `ties_or_dare`, evomerge's CMA-ES (popsize 10), {args.trials} trials per row, "
               f"SQLite study, Ray CPU workers with 1 thread each on a shared 2-core machine.{speedup}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_throughput.md").write_text(f"{header}\n\n{md}\n")
