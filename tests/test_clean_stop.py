@@ -82,6 +82,43 @@ def test_ctrl_c_mid_search_leaves_no_running_trial(zoo_llama, tmp_path, fake_ray
     assert [t.state for t in trials[:3]] == [COMPLETE] * 3 and RUNNING not in {t.state for t in trials}
 
 
+def test_stops_inside_study_writes_leave_no_unfinished_trial(zoo_llama, straight, tmp_path, fake_ray, monkeypatch, capsys) -> None:
+    """Ctrl-C and SIGTERM land between any two statements, study writes included: after a trial's params
+    were enqueued, after `ask` made it RUNNING (before the store knew it), or before the `tell` closing
+    one. No trial is left RUNNING or WAITING (a WAITING one would give its params to the next candidate
+    asked), and resume finishes like an uninterrupted search."""
+    ask, tell, plan = optuna.Study.ask, optuna.Study.tell, {}
+
+    def stop_if(where: str, number: int) -> None:
+        if plan.get(where) == number:
+            plan.clear()  # once: the stopping controller's own writes go through
+            raise KeyboardInterrupt
+
+    def interrupted_ask(study, *args, **kwargs):
+        stop_if("enqueued", len(study.trials) - 1)  # the newest trial is WAITING: enqueued, not asked
+        trial = ask(study, *args, **kwargs)
+        stop_if("asked", trial.number)
+        return trial
+
+    def interrupted_tell(study, trial, *args, **kwargs):
+        stop_if("telling", getattr(trial, "number", trial))
+        return tell(study, trial, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "ask", interrupted_ask)
+    monkeypatch.setattr(optuna.Study, "tell", interrupted_tell)
+    search = ["search", str(zoo_config(zoo_llama, tmp_path, trials=8))]
+    for argv, where, number in ((search, "enqueued", 3), (["resume", "t", "--storage", url_of(tmp_path)], "asked", 5),
+                                (["resume", "t", "--storage", url_of(tmp_path)], "telling", 7)):
+        plan[where] = number
+        assert main(argv) == 130, where
+        one_line(capsys.readouterr().err)
+        assert not plan, where  # it stopped there
+        states = {t.state for t in StudyStore.open(url_of(tmp_path), "t").study.get_trials()}
+        assert not states & {RUNNING, optuna.trial.TrialState.WAITING}, (where, states)
+    assert main(["resume", "t", "--storage", url_of(tmp_path)]) == 0
+    assert params_by_candidate(url_of(tmp_path)) == straight
+
+
 def test_ctrl_c_while_workers_start_leaves_a_study_that_resumes_from_its_start(
         zoo_llama, straight, tmp_path, fake_ray, monkeypatch, capsys) -> None:
     def interrupted_start(*args, **kwargs):

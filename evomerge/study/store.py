@@ -199,22 +199,42 @@ class StudyStore:
 
     def abandon_running(self, why: str) -> list[int]:
         """Fail the trials this controller started and could not finish (it is stopping: `why`); they are
-        no outcome of their candidates, which resume runs again. Returns their numbers."""
-        numbers = sorted(self._running)
-        for number in numbers:
-            self.fail_trial(number, f"{INTERRUPTED}: the search stopped ({why}) before this trial finished; "
-                                    "`evomerge resume` runs it again")
-        return numbers
+        no outcome of their candidates, which resume runs again. Returns their numbers.
+
+        A stop (Ctrl-C, SIGTERM) lands between any two Python statements, also inside `start_trial`
+        after the study made the trial and before this store knew it: as the lease holder, every
+        unfinished trial in the study is one this controller started, so those are failed too."""
+        self._adopt_unfinished()
+        why = f"{INTERRUPTED}: the search stopped ({why}) before this trial finished; `evomerge resume` runs it again"
+        return [number for number in sorted(self._running) if self.fail_trial(number, why)]
+
+    def _adopt_unfinished(self) -> list[int]:
+        """Track the study's RUNNING and WAITING trials this store does not know yet; returns their numbers.
+        A WAITING trial is one `start_trial` enqueued and a stop or a kill left before `ask` took it; the
+        next `ask` would hand its params (and candidate) to another candidate, so it is made RUNNING here,
+        to be failed like the rest."""
+        waiting, running = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
+        adopted = []
+        for frozen in self.study.get_trials(deepcopy=False, states=(waiting, running)):
+            if frozen.number in self._running:
+                continue
+            if frozen.state == waiting:
+                self.study._storage.set_trial_state_values(frozen._trial_id, running)
+            self._running[frozen.number] = optuna.Trial(self.study, frozen._trial_id)
+            adopted.append(frozen.number)
+        return adopted
 
     def _close(self, number: int, attrs: dict[str, Any], **outcome: Any) -> bool:
         self._guard()
-        trial = self._running.pop(number)
+        trial = self._running[number]  # known until told: a stop in between leaves it to abandon_running
         try:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
             self.study.tell(trial, outcome.get("fitness"), state=outcome.get("state"), skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
+            del self._running[number]
             return False
+        del self._running[number]
         return True
 
     def save_controller(self, generation: int, state: bytes) -> None:
@@ -256,13 +276,12 @@ class StudyStore:
         self.study.set_user_attr(WORKERS_ATTR, [dict(w) for w in workers])
 
     def fail_orphans(self) -> list[int]:
-        """Mark RUNNING trials (left by a stopped or killed controller) FAIL; returns their numbers."""
+        """Mark RUNNING (and WAITING) trials left by a stopped or killed controller FAIL; returns their numbers."""
         self._guard()
-        orphans = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        for frozen in orphans:
-            self._running[frozen.number] = optuna.Trial(self.study, frozen._trial_id)
-            self.fail_trial(frozen.number, f"{ORPHANED}: the controller stopped before this trial finished")
-        return [t.number for t in orphans]
+        orphans = self._adopt_unfinished()
+        for number in orphans:
+            self.fail_trial(number, f"{ORPHANED}: the controller stopped before this trial finished")
+        return orphans
 
     def candidate_outcomes(self) -> dict[tuple[int, int], float | None]:
         """(generation, candidate) -> fitness (a pruned candidate's first-pass fitness), or None for a
