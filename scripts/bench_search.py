@@ -73,6 +73,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -233,6 +234,7 @@ class RunResult:
     heldout_s: float = 0.0
     note: str = ""
     spearman: float = math.nan  # cmaes_est: estimated against full fitness over the run's candidates
+    heldout_at: dict[str, float] = field(default_factory=dict)  # str(m) -> held-out of the best of the first m
 
     def best_so_far(self) -> list[float]:
         out, best = [], -math.inf
@@ -297,6 +299,7 @@ def run_one(method: str, seed: int, zoo, args: argparse.Namespace, pool, db: Pat
     run.score_heldout()
     result.heldout_s = time.perf_counter() - started - result.search_s
     _read_results(store, result)
+    result.heldout_at = heldout_of_best_so_far(store, pool, marks(args.budget) + [args.budget])
     if anchors is not None:
         result.spearman = estimate_quality(store, pool)
     if isinstance(controller, MergekitEvolveController) and controller.clipped:
@@ -304,7 +307,8 @@ def run_one(method: str, seed: int, zoo, args: argparse.Namespace, pool, db: Pat
     return result
 
 
-def _read_results(store: StudyStore, result: RunResult) -> None:
+def _evaluations(store: StudyStore) -> tuple[list, list]:
+    """(every finished trial, one per evaluation in completion order: a retried candidate's last attempt)."""
     import optuna
 
     state = optuna.trial.TrialState
@@ -312,7 +316,33 @@ def _read_results(store: StudyStore, result: RunResult) -> None:
     final = {}  # (generation, candidate) -> its last attempt: a retried candidate is one evaluation
     for t in sorted(finished, key=lambda t: t.datetime_complete):
         final[(t.user_attrs.get("generation"), t.user_attrs.get("candidate"))] = t
-    ordered = sorted(final.values(), key=lambda t: t.datetime_complete)
+    return finished, sorted(final.values(), key=lambda t: t.datetime_complete)
+
+
+def heldout_of_best_so_far(store: StudyStore, pool, at: list[int]) -> dict[str, float]:
+    """For each m in `at`: the held-out fitness of the best of the first m evaluations (by the fitness the
+    search saw), scored by the shared pool where the run did not score it already."""
+    import optuna
+
+    from evomerge.runtime.messages import Job, JobFailure
+    from evomerge.runtime.pool import from_queue
+
+    ordered = [t for t in _evaluations(store)[1] if t.state == optuna.trial.TrialState.COMPLETE]
+    best = {m: max(ordered[:m], key=fitness_of, default=None) for m in at}
+    todo = {t.number: t for t in best.values() if t is not None and store.heldout(t.number) is None}
+    jobs = deque(Job(trial=n, recipe=StudyStore.recipe_of(t), split="heldout") for n, t in todo.items())
+    for job, outcome in pool.run(from_queue(jobs)):
+        if not isinstance(outcome, JobFailure):
+            store.set_heldout(job.trial, outcome.scores, outcome.fitness)
+    held = {m: store.heldout(t.number) if t is not None else None for m, t in best.items()}
+    return {str(m): h["fitness"] for m, h in held.items() if h}
+
+
+def _read_results(store: StudyStore, result: RunResult) -> None:
+    import optuna
+
+    state = optuna.trial.TrialState
+    finished, ordered = _evaluations(store)
     result.curve = [fitness_of(t) if t.state == state.COMPLETE else None for t in ordered]
     result.failed = sum(t.state == state.FAIL for t in ordered)
     result.pruned = sum(t.state == state.PRUNED for t in ordered)
@@ -337,8 +367,6 @@ def _read_results(store: StudyStore, result: RunResult) -> None:
 def estimate_quality(store: StudyStore, pool) -> float:
     """Spearman correlation of estimated and full fitness over every completed candidate (each scored in
     full here, for this measurement only)."""
-    from collections import deque
-
     from evomerge.runtime.estimate import spearman
     from evomerge.runtime.messages import Job, JobFailure
     from evomerge.runtime.pool import from_queue
@@ -361,16 +389,36 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
 
 
+def marks(budget: int) -> list[int]:
+    """The evaluation counts the tables report besides the budget: 16, 32, 64 below it, a quarter, a half."""
+    return sorted({m for m in (16, 32, 64) if m < budget} | {max(budget // 4, 1), max(budget // 2, 1)} - {budget})
+
+
+def heldout_table(results: list[RunResult], budget: int) -> str:
+    """Held-out of the best so far at each mark (runs that recorded it); empty when none did."""
+    at = [*marks(budget), budget]
+    lines = []
+    for method in ALL_METHODS:
+        runs = [r for r in results if r.method == method and r.heldout_at]
+        if runs:
+            cells = [mean_sd([r.heldout_at[str(m)] for r in runs if str(m) in r.heldout_at]) for m in at]
+            lines.append("| " + " | ".join([LABELS[method], *cells]) + " |")
+    if not lines:
+        return ""
+    head = ["optimizer", *[f"held-out of the best @{m}" for m in at]]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines])
+
+
 def table(results: list[RunResult], budget: int) -> str:
-    marks = sorted({m for m in (16, 32, 64) if m < budget} | {max(budget // 4, 1), max(budget // 2, 1)} - {budget})
-    head = ["optimizer", *[f"best fitness @{m}" for m in marks], f"best fitness @{budget}", "held-out of best",
+    marks_ = marks(budget)
+    head = ["optimizer", *[f"best fitness @{m}" for m in marks_], f"best fitness @{budget}", "held-out of best",
             "search s / run", "eval s / run", "examples / run", "failed / run", "pruned / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in ALL_METHODS:
         runs = [r for r in results if r.method == method]
         if not runs:
             continue
-        at = [mean_sd([r.best_so_far()[m - 1] for r in runs if len(r.curve) >= m]) for m in marks]
+        at = [mean_sd([r.best_so_far()[m - 1] for r in runs if len(r.curve) >= m]) for m in marks_]
         cells = [LABELS[method], *at, f"**{mean_sd([r.best for r in runs])}**", f"**{mean_sd([r.heldout for r in runs])}**",
                  f"{statistics.fmean(r.search_s for r in runs):.0f}", f"{statistics.fmean(r.eval_s for r in runs):.0f}",
                  f"{statistics.fmean(r.examples for r in runs):,.0f}", f"{statistics.fmean(r.failed for r in runs):.1f}",
@@ -528,6 +576,8 @@ def repeatability(methods: set[str]) -> str:
 def report(data: dict, results: list[RunResult], out: Path, family: Family) -> str:
     """Write <out>/<stem>.md and .png from the runs; returns what to print."""
     md = table(results, data["budget"])
+    held = heldout_table(results, data["budget"])
+    md += f"\n\nHeld-out (the held-out split) of the best trial so far, by the fitness the search saw:\n\n{held}" if held else ""
     header = (f"{family.caption}, {data['budget']} evaluations per run, {data['seeds']} seed(s), {data['workers']} "
               f"Ray workers (CPU, shared 2-core machine); mean ± sd over seeds. Held-out: the best trial re-scored on "
               f"the held-out split. Total wall time {data['wall_s'] / 60:.1f} min (worker start-up "
