@@ -3,6 +3,7 @@ controller refused while the first is paused (SIGSTOP), dying workers, raising c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,20 +50,38 @@ def wait_for_completed(url: str, name: str, n: int, timeout_s: float) -> None:
 
 COMMON = dict(trials=8, popsize=4, limit=40)
 
-# The controller under test, as its own process: the real search loop, with each evaluation slowed by
-# 0.5 s (a worker subclass, pickled by value to the Ray workers) so that the SIGKILL reliably lands
-# mid-generation however fast the machine is.
-SLOW_SEARCH = """
-import dataclasses, sys, time
-from evomerge.config import load_config
-from evomerge.search import prepare, run_search
+# A worker (pickled by value to the Ray workers) whose evaluations take 0.5 s more and, when GATE names a
+# folder, whose 8th fitness evaluation never ends: a search then completes at most 7 of its 8 trials, so
+# a signal sent once 5 have completed lands mid-generation however slow or busy the machine is (a
+# starved test process used to see the search finish first).
+SLOW_WORKER = """
+import os, time
 from evomerge.runtime.worker import CandidateWorker
 
 def evaluate(self, recipe, split="fitness"):
     time.sleep(0.5)
+    if GATE and split == "fitness" and _evaluation_index() >= 7:
+        time.sleep(600)  # killed long before: the signal under test stops the search
     return CandidateWorker.evaluate(self, recipe, split)
 
+def _evaluation_index():
+    for i in range(1000):  # one file per evaluation, across the worker processes
+        try:
+            os.close(os.open(os.path.join(GATE, str(i)), os.O_CREAT | os.O_EXCL))
+            return i
+        except FileExistsError:
+            pass
+
 slow = type("SlowWorker", (CandidateWorker,), {"evaluate": evaluate})
+"""
+
+# The controller under test, as its own process: the real search loop on that worker.
+SLOW_SEARCH = """
+import dataclasses, sys
+from evomerge.config import load_config
+from evomerge.search import prepare, run_search
+GATE = sys.argv[2]
+""" + SLOW_WORKER + """
 run_search(dataclasses.replace(prepare(load_config(sys.argv[1])), worker_cls=slow))
 """
 
@@ -82,8 +101,9 @@ def test_sigkilled_controller_resumes_to_the_same_trials(zoo_llama, straight, tm
     url = storage_url(backend, tmp_path)
     killed = unique_name("killed")
     config = zoo_config(zoo_llama, tmp_path, name=killed, storage=url, **COMMON)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SEARCH, str(config)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "gate").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SEARCH, str(config), str(tmp_path / "gate")],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_completed(url, killed, 5, timeout_s=240)  # into the second generation
     finally:
@@ -144,26 +164,25 @@ def test_dead_workers_and_raising_candidates_do_not_stop_the_search(zoo_llama, t
     assert any("replaced it" in line for line in lines)
 
 
-# The same slow controller, through the command line (exit codes and stderr as a user sees them).
+# The same slow controller, through the command line (exit codes and stderr as a user sees them); the
+# gate folder, if any, comes in EVOMERGE_TEST_GATE.
 SLOW_CLI = """
-import dataclasses, sys, time
+import dataclasses, os, sys
 import evomerge.search
 from evomerge.cli import main
-from evomerge.runtime.worker import CandidateWorker
-
-def evaluate(self, recipe, split="fitness"):
-    time.sleep(0.5)
-    return CandidateWorker.evaluate(self, recipe, split)
-
-slow = type("SlowWorker", (CandidateWorker,), {"evaluate": evaluate})
+GATE = os.environ.get("EVOMERGE_TEST_GATE")
+""" + SLOW_WORKER + """
 prepare = evomerge.search.prepare
 evomerge.search.prepare = lambda cfg, **kw: dataclasses.replace(prepare(cfg, **kw), worker_cls=slow)
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def start_slow_cli(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *argv], start_new_session=True,
+def start_slow_cli(*argv: str, gate: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "EVOMERGE_TEST_GATE": str(gate) if gate else ""}
+    if gate:
+        gate.mkdir()
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *argv], start_new_session=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -180,7 +199,7 @@ def test_sigterm_stops_cleanly_and_resume_finishes_with_the_same_trials(zoo_llam
     RUNNING trial left; `resume` then finishes the study with the params of an uninterrupted run."""
     url = storage_url("sqlite", tmp_path)
     config = zoo_config(zoo_llama, tmp_path, name="termed", **COMMON)
-    proc = start_slow_cli("search", str(config))
+    proc = start_slow_cli("search", str(config), gate=tmp_path / "gate")
     try:
         wait_for_completed(url, "termed", 5, timeout_s=240)
         proc.send_signal(signal.SIGTERM)  # the controller only, as `kill PID` does
@@ -198,6 +217,26 @@ def test_sigterm_stops_cleanly_and_resume_finishes_with_the_same_trials(zoo_llam
     assert params_by_candidate(StudyStore.open(url, "termed")) == straight
 
 
+def pause_between_writes(proc: subprocess.Popen, db: Path, timeout_s: float = 60) -> None:
+    """SIGSTOP a controller at a moment it does not keep readers out of its SQLite file: paused in the
+    middle of a commit, it would hold the file locked, and every other process would fail with "database
+    is locked" (what a user pausing a search there gets too; not what this test is about)."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=0)) as conn:
+                conn.execute("SELECT count(*) FROM trials").fetchone()
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+
+
 def test_a_second_controller_is_refused_while_the_first_is_paused(zoo_llama, straight, tmp_path: Path, monkeypatch, capsys) -> None:
     """Issue 14's reproduction: pause a search (SIGSTOP), resume its study, continue the search. The resume
     is refused naming the search's host, pid and start; the search then finishes its budget alone."""
@@ -212,8 +251,8 @@ def test_a_second_controller_is_refused_while_the_first_is_paused(zoo_llama, str
     proc = start_slow_cli("search", str(config))
     try:
         wait_for_completed(url, "paused", 2, timeout_s=240)
-        proc.send_signal(signal.SIGSTOP)
         try:
+            pause_between_writes(proc, tmp_path / "study.db")
             for argv in (["resume", "paused", "--storage", url], ["delete", "paused", "--storage", url, "--yes"]):
                 capsys.readouterr()
                 assert main(argv) == 2
