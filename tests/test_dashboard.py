@@ -122,16 +122,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Stud
             proc.wait()
 
 
-def wait_until_up(base: str, proc: subprocess.Popen, timeout_s: float = 20) -> None:
+def wait_until_up(base: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Poll until the server answers (on a busy machine it may take a while to start, and to answer)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"dashboard exited with {proc.returncode}: {proc.stdout.read()}")
         try:
-            if requests.get(f"{base}/api/meta", timeout=1).ok:
+            if requests.get(f"{base}/api/meta", timeout=5).ok:
                 return
-        except requests.ConnectionError:
-            time.sleep(0.2)
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or slow to answer
+            pass
+        time.sleep(0.2)
     pytest.fail(f"dashboard not up at {base} after {timeout_s} s")
 
 
