@@ -269,3 +269,22 @@ def test_a_second_controller_is_refused_while_the_first_is_paused(zoo_llama, str
     store = StudyStore.open(url, "paused")
     assert len(store.study.get_trials()) == 8  # no orphans, no second generation run twice
     assert params_by_candidate(store) == straight
+
+
+def test_an_unreachable_worker_is_killed_before_it_is_replaced(monkeypatch) -> None:
+    """ActorUnavailableError: the actor may still be alive and hold its CPUs or GPU; a replacement started
+    beside it could wait for them forever, so the pool kills it first (no Ray needed: ray.get/kill faked)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    from evomerge.runtime.pool import WorkerPool
+
+    killed = []
+    monkeypatch.setattr(ray, "get", lambda ref: (_ for _ in ()).throw(ActorUnavailableError("unreachable", None)))
+    monkeypatch.setattr(ray, "kill", killed.append)
+    pool = WorkerPool.__new__(WorkerPool)
+    pool.actors, pool.progress = ["old"], lambda line: None
+    monkeypatch.setattr(pool, "_new_actor", lambda: "new", raising=False)
+    outcome = pool._outcome("ref", 0)
+    assert outcome.worker_died and "worker died" in outcome.reason
+    assert killed == ["old"] and pool.actors == ["new"]

@@ -9,6 +9,7 @@ memory is not blindly rerun.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -144,6 +145,10 @@ class WorkerPool:
         try:
             return ray.get(ref)
         except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
+            # An unavailable actor may still be alive (unreachable on a starved node) and holding its
+            # CPUs or GPU: kill it, or its replacement could wait for those resources forever.
+            with contextlib.suppress(Exception):
+                ray.kill(self.actors[slot])
             self.actors[slot] = self._new_actor()
             self.progress(f"workers: worker {slot} died ({type(exc).__name__}); replaced it")
             return JobFailure(f"worker died: {_first_line(exc)}", worker_died=True)
