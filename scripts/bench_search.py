@@ -299,7 +299,7 @@ def run_one(method: str, seed: int, zoo, args: argparse.Namespace, pool, db: Pat
     run.score_heldout()
     result.heldout_s = time.perf_counter() - started - result.search_s
     _read_results(store, result)
-    result.heldout_at = heldout_of_best_so_far(store, pool, marks(args.budget) + [args.budget])
+    result.heldout_at = heldout_of_best_so_far(run, marks(args.budget) + [args.budget])
     if anchors is not None:
         result.spearman = estimate_quality(store, pool)
     if isinstance(controller, MergekitEvolveController) and controller.clipped:
@@ -319,21 +319,16 @@ def _evaluations(store: StudyStore) -> tuple[list, list]:
     return finished, sorted(final.values(), key=lambda t: t.datetime_complete)
 
 
-def heldout_of_best_so_far(store: StudyStore, pool, at: list[int]) -> dict[str, float]:
+def heldout_of_best_so_far(run, at: list[int]) -> dict[str, float]:
     """For each m in `at`: the held-out fitness of the best of the first m evaluations (by the fitness the
-    search saw), scored by the shared pool where the run did not score it already."""
+    search saw), scored by the run's pool where the run did not score it already."""
     import optuna
 
-    from evomerge.runtime.messages import Job, JobFailure
-    from evomerge.runtime.pool import from_queue
-
+    store = run.store
     ordered = [t for t in _evaluations(store)[1] if t.state == optuna.trial.TrialState.COMPLETE]
     best = {m: max(ordered[:m], key=fitness_of, default=None) for m in at}
     todo = {t.number: t for t in best.values() if t is not None and store.heldout(t.number) is None}
-    jobs = deque(Job(trial=n, recipe=StudyStore.recipe_of(t), split="heldout") for n, t in todo.items())
-    for job, outcome in pool.run(from_queue(jobs)):
-        if not isinstance(outcome, JobFailure):
-            store.set_heldout(job.trial, outcome.scores, outcome.fitness)
+    run.score_on_heldout(list(todo.values()))
     held = {m: store.heldout(t.number) if t is not None else None for m, t in best.items()}
     return {str(m): h["fitness"] for m, h in held.items() if h}
 

@@ -466,10 +466,13 @@ class SearchRun:
         """Score the top-k trials (by fitness) on the held-out split and record it in the study."""
         top = self.store.ranked()[: self.cfg.evaluation.heldout_top_k]
         top = [t for t in top if self.store.heldout(t.number) is None]
-        if not top:
-            return
-        self.progress(f"held-out: scoring the best {len(top)} trials")
-        queue = deque(Job(trial=t.number, recipe=StudyStore.recipe_of(t), split="heldout") for t in top)
+        if top:
+            self.progress(f"held-out: scoring the best {len(top)} trials")
+            self.score_on_heldout(top)
+
+    def score_on_heldout(self, trials: list) -> None:
+        """Score these trials on the held-out split and record it in the study (a failure is reported)."""
+        queue = deque(Job(trial=t.number, recipe=StudyStore.recipe_of(t), split="heldout") for t in trials)
         for job, outcome in self.pool.run(from_queue(queue)):
             if isinstance(outcome, JobFailure):
                 self.progress(f"held-out: trial {job.trial} failed: {outcome.reason}")

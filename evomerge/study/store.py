@@ -231,11 +231,11 @@ class StudyStore:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
             self.study.tell(trial, outcome.get("fitness"), state=outcome.get("state"), skip_if_finished=True)
+            told = True
         except optuna.exceptions.UpdateFinishedTrialError:
-            del self._running[number]
-            return False
+            told = False
         del self._running[number]
-        return True
+        return told
 
     def save_controller(self, generation: int, state: bytes) -> None:
         """Checkpoint the optimizer as it is before asking `generation`: one attribute holding the
