@@ -197,14 +197,13 @@ def form_row(flat, sub, out):
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def abs_max(flat, sub=None):
-    """max |d[i]| (NaN if any entry is NaN), as fp32."""
-    top = np.float32(0.0)
-    nans = 0
+    """max |d[i]| (NaN if any entry is NaN), as fp32. Taken over |d|'s bit patterns, which order like
+    the values (NaN's above inf's): an integer max vectorizes, a float max with NaN checks does not
+    (measured 16M entries, one thread: 1.5 ms against 12 ms from bf16 sources)."""
+    top = np.uint32(0)
     for i in numba.prange(len(flat)):
-        a = abs(delta_at(flat, sub, i))
-        top = max(top, a)
-        nans += a != a
-    return np.float32(np.nan) if nans else top
+        top = max(top, bits_of_float(delta_at(flat, sub, i)) & np.uint32(0x7FFFFFFF))
+    return np.float32(np.nan) if top > np.uint32(0x7F800000) else float_of_bits(top)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -218,28 +217,30 @@ def any_nonfinite(flat, sub=None):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def uniform_fixed_sum(flat, key, top, scale, sub=None):
-    """DARE's kept L1 in fixed point: as `fixed_sum` over the entries whose uniform hash is at most
-    `top` (`UniformKeep` without ranks), hashed in registers."""
+def uniform_fixed_sums(flat, key, top, scale, sub=None):
+    """DARE's L1 norms in fixed point in one pass: (`fixed_sum`, the same sum over the entries whose
+    uniform hash is at most `top`, i.e. those `UniformKeep` without ranks keeps, hashed in registers)."""
     scale32 = np.float32(scale)
-    total = 0
+    total, kept = 0, 0
     for i in numba.prange(len(flat)):
-        if hash_at_most(i, key, top):
-            total += np.int64(abs(delta_at(flat, sub, i)) * scale32)
-    return total
+        value = np.int64(abs(delta_at(flat, sub, i)) * scale32)
+        total += value
+        kept += value if hash_at_most(i, key, top) else 0
+    return total, kept
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def ranked_fixed_sum(flat, ranks, key, low24, span24, scale, sub=None):
-    """DELLA's kept L1 in fixed point: sum of floor(|d[i]| * scale) over the entries whose uniform
-    level is below ceil(ranks[i] * span24 + low24) (`UniformKeep` with ranks), hashed in registers.
-    Integer sums do not depend on order, so this equals the chunked eager sum."""
+def ranked_fixed_sums(flat, ranks, key, low24, span24, scale, sub=None):
+    """DELLA's L1 norms in fixed point in one pass: (`fixed_sum`, the same sum over the entries whose
+    uniform level is below ceil(ranks[i] * span24 + low24), i.e. those `UniformKeep` with ranks keeps).
+    Integer sums do not depend on order, so these equal the chunked eager sums."""
     low, span, scale32 = np.float32(low24), np.float32(span24), np.float32(scale)
-    total = 0
+    total, kept = 0, 0
     for i in numba.prange(len(flat)):
-        if level(i, key) < np.ceil(ranks[i] * span + low):
-            total += np.int64(abs(delta_at(flat, sub, i)) * scale32)
-    return total
+        value = np.int64(abs(delta_at(flat, sub, i)) * scale32)
+        total += value
+        kept += value if level(i, key) < np.ceil(ranks[i] * span + low) else 0
+    return total, kept
 
 
 # --- magnitude selection: a two-pass radix select over |x|'s float32 bits (see _sparsify.select_edge)

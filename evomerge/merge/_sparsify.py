@@ -47,9 +47,9 @@ from evomerge.merge._numba import (
     high_counts,
     low_counts,
     nth_equal,
-    ranked_fixed_sum,
+    ranked_fixed_sums,
     torch_threads,
-    uniform_fixed_sum,
+    uniform_fixed_sums,
 )
 from evomerge.merge._random import UNIFORM_BITS, Noise
 
@@ -190,13 +190,37 @@ class DeltaStats:
                 values, sub = self.tv.pair(e)
                 return buckets.kept(values, keep.limit, shift, sub)
             return buckets.kept(self.flat(e), keep.limit, shift)
-        if isinstance(keep, UniformKeep) and keep.key is not None and self._compiled():  # hashed in registers
-            (values, sub), key = self.tv.pair(e), np.uint32(keep.key)
-            with torch_threads():
-                if keep.ranks is None:
-                    return int(uniform_fixed_sum(values, key, np.uint32(keep.top), 2.0**shift, sub))
-                return int(ranked_fixed_sum(values, keep.ranks.numpy(), key, keep.low24, keep.span24, 2.0**shift, sub))
+        if self._hashes_in_registers(keep):
+            return self._compiled_sums(e, keep, shift)[1]
         return _fixed_sum(self.flat(e), shift, keep)
+
+    def l1_norms(self, e: int, keep: Keep | None) -> tuple[int, int, int]:
+        """(whole, kept, shift): `fixed_l1` and `kept_fixed_l1` (kept = whole when keep is None). A random
+        keep hashed in registers sums both in one compiled pass when the whole norm is not known yet."""
+        if keep is not None and self._fixed_l1[e] is None and self._hashes_in_registers(keep):
+            values, sub = self.tv.pair(e)
+            with torch_threads():
+                shift = _fixed_shift(float(abs_max(values, sub)), self.tv.numel)
+            whole, kept = self._compiled_sums(e, keep, shift)
+            self._fixed_l1[e] = (whole, shift)
+            return whole, kept, shift
+        whole, shift = self.fixed_l1(e)
+        return whole, whole if keep is None else self.kept_fixed_l1(e, keep), shift
+
+    def _hashes_in_registers(self, keep: Keep) -> bool:
+        """Whether a compiled pass hashes this keep's uniforms itself (not DARE's cached buckets)."""
+        cached = self.keep_sorted and isinstance(keep, UniformKeep) and keep.ranks is None
+        return isinstance(keep, UniformKeep) and keep.key is not None and self._compiled() and not cached
+
+    def _compiled_sums(self, e: int, keep: UniformKeep, shift: int) -> tuple[int, int]:
+        """(whole, kept) fixed-point L1 sums of model e in one compiled pass, uniforms hashed in registers."""
+        (values, sub), key = self.tv.pair(e), np.uint32(keep.key)
+        with torch_threads():
+            if keep.ranks is None:
+                sums = uniform_fixed_sums(values, key, np.uint32(keep.top), 2.0**shift, sub)
+            else:
+                sums = ranked_fixed_sums(values, keep.ranks.numpy(), key, keep.low24, keep.span24, 2.0**shift, sub)
+        return int(sums[0]), int(sums[1])
 
     def levels(self, e: int, noise: Noise) -> Tensor:
         """Model e's (N,) uniform levels of stream `noise` (`Noise.levels`); kept (4 bytes per entry)
@@ -580,8 +604,7 @@ def rescale_l1(keeps: Sequence[Keep | None], stats: DeltaStats) -> Tensor:
     they do not depend on summation order: a cached lookup and a pass over the entries agree."""
     factors = []
     for e, keep in enumerate(keeps):
-        before, shift = stats.fixed_l1(e)
-        after = before if keep is None else stats.kept_fixed_l1(e, keep)
+        before, after, shift = stats.l1_norms(e, keep)
         usable = min(before, after) * 2.0**-shift >= NORM_EPS
         factors.append(before / after if usable else 1.0)  # a ratio of ints: correctly rounded
     return torch.tensor(factors, dtype=torch.float32, device=stats.tv.device)
