@@ -20,7 +20,8 @@ The bound is the one-pass kernel `traffic_bound` in the same run: it reads the b
 once in their dtype and writes the output once, 2(E + 2) bytes per entry in bf16 (10 for three
 sources): no merge can move less. It is timed after every cached build and at the end (median).
 "fp32 task vectors" times the previous worker's path for the same candidates (base and (E, *S) fp32 task
-vectors resident, 2 + 4E bytes per entry read; default settings), to show what native sources change.
+vectors resident, 2 + 4E bytes per entry read; default settings; its builds alternate with the default
+ones), to show what native sources change.
 
 Times are medians over repeats; on a busy machine, `--threads 1` gives steadier numbers, and
 `--threads 1 --cpu-time` steadier still: each time is this process's CPU time, which other processes
@@ -144,8 +145,11 @@ def bench_ours(args, config, base, sources) -> tuple[dict[str, dict[str, float]]
         for r in recipes[1:]:  # a bound next to each build, so load that comes and goes hits both
             cached.append(time_build(r, base, sources, out, groups, cache))
             bounds.setdefault(n, []).append(time_bound(base, sources, out, n))
-        plain = [time_build(r, base, sources, out, groups, None) for r in recipes[1 : 1 + args.uncached_repeats]]
-        old = [time_build(r, base, fp32, out, groups, None) for r in recipes[1 : 1 + args.uncached_repeats]] if fp32 else []
+        plain, old = [], []
+        for r in recipes[1 : 1 + args.uncached_repeats]:  # native and fp32 builds alternate: load hits both alike
+            plain.append(time_build(r, base, sources, out, groups, None))
+            if fp32:
+                old.append(time_build(r, base, fp32, out, groups, None))
         rows[method] = {"n": n, "first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain),
                         "fp32": statistics.median(old) if old else float("nan")}
         print(f"  {method}: first {first:.2f}s, cached {rows[method]['cached']:.2f}s, default {rows[method]['uncached']:.2f}s"
