@@ -26,7 +26,7 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
-from evomerge.merge import _fused
+from evomerge.merge import _fused, _stock
 from evomerge.merge._apply import check_finite, copy_checked
 from evomerge.merge._deltas import TaskVectors
 from evomerge.merge._random import Noise
@@ -238,36 +238,38 @@ def slerp(base: Tensor, deltas: TaskVectors, *, t: float, noise: Noise | None = 
     return (c0 * v0 + c1 * v1).view(base.shape)
 
 
-def _mean_pairwise_cosine(flat: Tensor) -> Tensor:
-    """Mean cosine over all pairs of models of flat (N, R, P), per row r, each clamped to [-1, 1] (mergekit)."""
-    norms = torch.linalg.vector_norm(flat, dim=-1)  # (N, R)
-    cosines = [
-        ((flat[i] * flat[j]).sum(-1) / (norms[i] * norms[j]).clamp_min(STOCK_NORM_EPS)).clamp(-1, 1)
-        for i, j in combinations(range(len(flat)), 2)
-    ]
-    return torch.stack(cosines).mean(0)
+def _mean_pairwise_cosine(sums: Tensor, n_models: int) -> Tensor:
+    """Mean cosine over all pairs of models per row, each clamped to [-1, 1] (mergekit), from the rows'
+    sums (R, K) fp64 (`_stock.pair_sums`: E squared norms, then the pairs' dot products in order)."""
+    norms = sums[:, :n_models].sqrt()  # (R, E)
+    total = torch.zeros(len(sums), dtype=torch.float64)
+    for p, (i, j) in enumerate(combinations(range(n_models), 2)):
+        product = (norms[:, i] * norms[:, j]).clamp_min(STOCK_NORM_EPS)
+        total += (sums[:, n_models + p] / product).clamp(-1, 1)
+    return total / (n_models * (n_models - 1) // 2)
 
 
 @attach
 def model_stock(base: Tensor, deltas: TaskVectors, *, filter_wise: bool = False, noise: Noise | None = None) -> Tensor:
     """Model Stock (Jang et al. 2024) as in mergekit: cos = mean pairwise cosine of the deltas,
     t = N cos / (1 + (N - 1) cos), merged = base + t * mean(d); keeps the base where 1 + (N - 1) cos is
-    about 0. Over the whole tensor, or with filter_wise (mergekit's switch) per row (per output filter)."""
-    tv = deltas.materialize()
-    flat = _filters(tv) if filter_wise else tv.reshape(len(tv), 1, -1)  # (N, R, P): R rows of P entries
-    n, cos = len(flat), _mean_pairwise_cosine(flat)  # (R,)
+    about 0. Over the whole tensor, or with filter_wise (mergekit's switch) per row (per output filter).
+
+    Two streamed passes (`_stock`): the rows' norms and dot products, then the merged tensor; sums and
+    the merged value in fp64, rounded once to fp32. Working memory besides the (*S) fp32 output (4 bytes
+    per entry, the result): K = E(E+1)/2 fp64 sums twice per row and once per 65536-entry block (0.0007
+    bytes per entry for 3 models), an (E, 1024) fp64 tile per thread, and, where the kernels cannot read
+    the inputs in place (fp16, mixed source dtypes), one (E, 65536) fp32 buffer: no (E, *S) copy."""
+    n = deltas.n_models
+    if deltas.numel == 0:
+        return base.float().clone()
+    shape = deltas.item_shape
+    row_len = shape[-1] if filter_wise and len(shape) >= 2 else deltas.numel  # mergekit: norms over the last dim
+    cos = _mean_pairwise_cosine(_stock.pair_sums(deltas, row_len), n)  # (R,)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < STOCK_SINGULAR
-    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))  # (R,)
-    return base.float() + (t.view(-1, 1) * flat.mean(0)).view(base.shape)
-
-
-def _filters(tv: Tensor) -> Tensor:
-    """(N, *S) -> (N, R, P): the rows mergekit's filter_wise Model Stock treats separately (norms over the
-    last dimension; a 0-D or 1-D tensor is one row)."""
-    if tv.dim() <= 2:
-        return tv.reshape(len(tv), 1, -1)
-    return tv.reshape(len(tv), -1, tv.shape[-1])
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))  # (R,) fp64
+    return _stock.write(base, deltas, t, row_len)
 
 
 # --- consensus (TALL masks) -------------------------------------------------------------------------
