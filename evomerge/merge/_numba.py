@@ -291,3 +291,63 @@ def nth_equal(flat, value, ordinals, sub=None):
                 break
             seen += 1
     return found
+
+
+# --- DELLA's row ranks: a stable LSD radix sort of each row's |d| bits
+
+
+def rank_digit_bits(row_length: int) -> int:
+    """Radix digit width for rows of this length: a pass over the row per digit plus a count table of
+    2^bits per digit, so short rows take 8-bit digits (4 passes) and long ones 11 (3 passes). Measured
+    (16M entries, one thread, ms, 8 vs 11 bits): rows of 512 145 vs 153, 1024 138 vs 130, 4096 142 vs
+    110, 14336 144 vs 103."""
+    return 8 if row_length < 1024 else 11
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def row_ranks(flat, sub, row_length, digit_bits, parts, out):
+    """out[r * L + j] = (ascending rank of |d| of entry j within row r) / (L - 1), fp32, for rows of
+    L = row_length > 1 consecutive entries; equal magnitudes rank in index order (a stable argsort of
+    |d|'s 31 bits, as `_sparsify._normalized_row_ranks`, which it equals bit for bit). Each thread sorts
+    one row at a time (`parts` threads take a run of rows each): 16 bytes per entry of the row. A digit
+    that all of a row's entries share is skipped."""
+    n_rows = len(flat) // row_length
+    n_digits = (31 + digit_bits - 1) // digit_bits
+    size = 1 << digit_bits
+    mask = np.uint32(size - 1)
+    scale = np.float32(row_length - 1)
+    parts = max(1, min(n_rows, parts))
+    per_part = (n_rows + parts - 1) // parts
+    for p in numba.prange(parts):
+        keys, keys_next = np.empty(row_length, np.uint32), np.empty(row_length, np.uint32)
+        order, order_next = np.empty(row_length, np.int32), np.empty(row_length, np.int32)
+        counts = np.empty((n_digits, size), np.int32)
+        for r in range(p * per_part, min(n_rows, (p + 1) * per_part)):
+            start = r * row_length
+            counts[:] = 0
+            for j in range(row_length):
+                key = bits_of_float(delta_at(flat, sub, start + j)) & np.uint32(0x7FFFFFFF)
+                keys[j] = key
+                order[j] = j
+                for digit in range(n_digits):
+                    counts[digit, (key >> np.uint32(digit * digit_bits)) & mask] += 1
+            for digit in range(n_digits):
+                shift = np.uint32(digit * digit_bits)
+                slots = counts[digit]
+                if slots[(keys[0] >> shift) & mask] == row_length:  # one bin holds the row: order unchanged
+                    continue
+                total = 0
+                for b in range(size):  # bin b's first slot
+                    count = slots[b]
+                    slots[b] = total
+                    total += count
+                for j in range(row_length):
+                    b = (keys[j] >> shift) & mask
+                    slot = slots[b]
+                    slots[b] = slot + 1
+                    keys_next[slot] = keys[j]
+                    order_next[slot] = order[j]
+                keys, keys_next = keys_next, keys
+                order, order_next = order_next, order
+            for j in range(row_length):
+                out[start + order[j]] = np.float32(j) / scale

@@ -47,7 +47,9 @@ from evomerge.merge._numba import (
     high_counts,
     low_counts,
     nth_equal,
+    rank_digit_bits,
     ranked_fixed_sums,
+    row_ranks,
     torch_threads,
     uniform_fixed_sums,
 )
@@ -242,8 +244,17 @@ class DeltaStats:
         """Model e's DELLA rank in [0, 1] of each entry's magnitude within its row, (N,) in flat order."""
         ranks = self._row_ranks[e]
         if ranks is None:
-            one = self.flat(e).view(1, *self.tv.item_shape)
-            ranks = _undo_ranking_view(_normalized_row_ranks(_ranking_view(one)), one).reshape(-1)
+            shape = self.tv.item_shape
+            length = shape[-1] if len(shape) == 2 else self.tv.numel  # rows as _ranking_view makes them
+            if self._compiled() and len(shape) <= 2 and 1 < length < 2**31:  # a compiled radix sort per row
+                values, sub = self.tv.pair(e)
+                out = np.empty(self.tv.numel, dtype=np.float32)
+                with torch_threads():
+                    row_ranks(values, sub, length, rank_digit_bits(length), numba.get_num_threads(), out)
+                ranks = torch.from_numpy(out)
+            else:
+                one = self.flat(e).view(1, *shape)
+                ranks = _undo_ranking_view(_normalized_row_ranks(_ranking_view(one)), one).reshape(-1)
             if self.keep_sorted:
                 self._row_ranks[e] = ranks
         return ranks

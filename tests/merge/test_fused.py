@@ -233,3 +233,25 @@ def test_a_live_tensor_of_another_dtype_gets_the_merge_rounded_to_the_base_dtype
     exported = merge_named(recipe, spec, "w", 0, base, deltas)
     assert exported.dtype == torch.bfloat16
     assert torch.equal(live, exported.float())
+
+
+@pytest.mark.parametrize("shape", [(7, 3000), (64, 2), (5000,), (6, 1)])
+def test_compiled_row_ranks_equal_the_torch_stable_argsort(shape):
+    """DELLA's row ranks by the compiled radix sort, from bf16 sources and from fp32 task vectors,
+    equal the torch argsort's bit for bit: ties (bf16 differences repeat), -0, NaN and inf included."""
+    from evomerge.merge import TaskVectors
+    from evomerge.merge._sparsify import _normalized_row_ranks, _ranking_view, _undo_ranking_view
+
+    base, deltas = bf16_like_inputs(1, shape, seed=17)
+    sources = (base.float() + deltas).to(torch.bfloat16)
+    special = sources.view(-1)
+    special[1], special[2], special[3] = float("nan"), float("inf"), -float("inf")
+    base.view(-1)[4] = -0.0
+    special[4] = 0.0
+    native = TaskVectors(base, [sources[0]])
+    fp32 = TaskVectors.from_deltas(base, torch.stack([sources[0].float() - base.float()]))
+    one = fp32.deltas[0].view(1, *shape)
+    expected = _undo_ranking_view(_normalized_row_ranks(_ranking_view(one)), one).reshape(-1)
+    for tv in (native, fp32):
+        got = DeltaStats(tv).row_ranks(0)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
