@@ -100,7 +100,7 @@ class TaskVectors:
         return out
 
     def materialize(self) -> Tensor:
-        """(E, *S) fp32 task vectors (methods that need them all at once: slerp, model_stock, consensus)."""
+        """(E, *S) fp32 task vectors (methods that need them all at once: consensus, the spectral methods)."""
         if self.deltas is not None:
             return self.deltas.float()
         base32 = self.base.to(torch.float32)

@@ -187,10 +187,14 @@ def kernel_key() -> str:
 
 @functools.cache
 def kernels(n_models: int) -> ModuleType:
-    """The generated kernels for n_models models, written once per machine and imported; the file's name
-    hashes the source and `kernel_key()`, so stale compiled code is never picked up."""
-    source = _module_source(n_models)
-    name = f"fused_{n_models}_{hashlib.sha256((source + kernel_key()).encode()).hexdigest()[:16]}"
+    """The generated kernels for n_models models (see `load_generated`)."""
+    return load_generated(f"fused_{n_models}", _module_source(n_models))
+
+
+def load_generated(prefix: str, source: str) -> ModuleType:
+    """The kernel module `source`, written once per machine into the kernel folder and imported; the
+    file's name hashes the source and `kernel_key()`, so stale compiled code is never picked up."""
+    name = f"{prefix}_{hashlib.sha256((source + kernel_key()).encode()).hexdigest()[:16]}"
     path = _kernel_dir() / f"{name}.py"
     if not path.exists():  # write then rename: a process importing it never sees half a file
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -286,7 +290,7 @@ def mix(
     scalars = np.array([lambda_, plain_divisor if normalize and not elect_sign else 1.0, zero_divisor], dtype=np.float32)
     combine = ("elect_normalized" if normalize else "elect") if elect_sign else "sum"
     kernel = getattr(kernels(n_models), f"{family}_{combine}")
-    base_array, out_array, w = _as_array(base.reshape(-1)), _as_array(result.view(-1)), weight.reshape(-1).float().numpy()
+    base_array, out_array, w = as_array(base.reshape(-1)), as_array(result.view(-1)), weight.reshape(-1).float().numpy()
     nonfinite = 0
     with torch_threads():
         for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
@@ -298,7 +302,7 @@ def mix(
     return result if out is None or target is not None else copy_checked(out, result)
 
 
-def _as_array(t: Tensor) -> np.ndarray:
+def as_array(t: Tensor) -> np.ndarray:
     """A numpy view the kernels read: fp32 as is, bf16 as its uint16 bits; other dtypes as an fp32 copy."""
     if t.dtype == torch.bfloat16:
         return t.view(torch.uint16).numpy()

@@ -2,9 +2,9 @@
 mergekit semantics for shared names.
 
 Every method: base (*S) any float dtype; deltas, the E task vectors (source - base) as `TaskVectors`
-(formed from the sources in fp32 where used, never materialised whole, except by the geometric methods
-that need them all: slerp, model_stock, consensus); per-model parameters as (E,) fp32 tensors, global
-ones as floats; returns the merged full weights (*S) in fp32.
+(formed from the sources in fp32 where used, never materialised whole, except by the methods that need
+them all at once: consensus and the spectral ones; slerp forms its one row, model_stock streams);
+per-model parameters as (E,) fp32 tensors, global ones as floats; returns the merged full weights (*S) in fp32.
 Inputs are never written; randomness comes only from `noise` (counter-based uniforms, see `_random`).
 
 The task-vector family is generated from the catalog's `TASK_VECTOR_METHODS` table: one function per

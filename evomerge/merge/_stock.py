@@ -19,11 +19,6 @@ Products of two fp32 values are exact in fp64, so a pass-1 sum rounds only in it
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
 from collections.abc import Iterator
 from itertools import combinations
 from types import ModuleType
@@ -149,19 +144,8 @@ def write(rows, sub, base, t, first, n_blocks, row_len, block, tile, parts, out)
 
 @functools.cache
 def kernels() -> ModuleType:
-    """The compiled kernels (`_SOURCE`), written once per machine into `_fused`'s kernel folder and imported."""
-    name = f"stock_{hashlib.sha256((_SOURCE + _fused.kernel_key()).encode()).hexdigest()[:16]}"
-    path = _fused._kernel_dir() / f"{name}.py"
-    if not path.exists():  # write then rename: a process importing it never sees half a file
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(_SOURCE)
-        os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(f"evomerge_kernels_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # numba's cache finds the kernels' globals by module name
-    spec.loader.exec_module(module)
-    return module
+    """The compiled kernels (`_SOURCE`), generated like `_fused`'s (`_fused.load_generated`)."""
+    return _fused.load_generated("stock", _SOURCE)
 
 
 # --- the entry points --------------------------------------------------------------------------------
@@ -201,11 +185,11 @@ def write(base: Tensor, deltas: TaskVectors, t: Tensor, row_len: int) -> Tensor:
         if _in_place(deltas):
             rows, sub = deltas.arrays()
             n_blocks = deltas.numel // row_len * -(-row_len // BLOCK)
-            k.write(rows, sub, _fused._as_array(base.reshape(-1)), t64, 0, n_blocks, row_len, BLOCK, TILE, _parts(), out_flat)
+            k.write(rows, sub, _fused.as_array(base.reshape(-1)), t64, 0, n_blocks, row_len, BLOCK, TILE, _parts(), out_flat)
         else:
             base_flat = base.reshape(-1)
             for first, n_blocks, formed, start, stop in _formed(deltas, row_len):
-                k.write(formed, None, _fused._as_array(base_flat[start:stop]), t64, first, n_blocks, row_len, BLOCK, TILE,
+                k.write(formed, None, _fused.as_array(base_flat[start:stop]), t64, first, n_blocks, row_len, BLOCK, TILE,
                         _parts(), out_flat[start:stop])
     return out
 
