@@ -94,6 +94,14 @@ class TaskVectors:
         if self.deltas is not None:
             return self.deltas.reshape(self.n_models, -1)[:, start:stop]
         out = buffer[:, : stop - start]
+        if self.compiled and out.device.type == "cpu" and out.dtype == torch.float32:  # a compiled pass per model
+            from evomerge.merge._numba import form_row, torch_threads
+
+            arrays, sub = self.arrays()
+            with torch_threads():
+                for e, flat in enumerate(arrays):
+                    form_row(flat[start:stop], sub[start:stop], out[e].numpy())
+            return out
         base32 = self.base.reshape(-1)[start:stop].to(torch.float32)
         for e, source in enumerate(self.sources):
             torch.sub(source.reshape(-1)[start:stop], base32, out=out[e])  # s promoted to fp32 exactly

@@ -20,6 +20,7 @@ the base itself (mergekit divides 0 by 0, resp. rounds the mean of equal directi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from itertools import combinations
 
@@ -299,12 +300,18 @@ def consensus(
     most the number of models, default 2 as in the paper (k = 0 is plain task arithmetic). The
     paper's reference code uses a strict > in m_t; the two differ only on exact ties.
     """
-    tau = deltas.materialize()
-    tau = tau * per_model(weight, tau)  # (E, *S)
-    tau_mtl = tau.sum(0)
-    masks = tau.abs() >= per_model(tall_lambda, tau) * (tau_mtl - tau).abs()
-    keep = masks.sum(0) >= k
-    return base.float() + lambda_ * (tau_mtl * keep)
+    n_models, n, step = deltas.n_models, deltas.numel, _step(deltas.n_models, deltas.device)
+    w = weight.to(device=deltas.device, dtype=torch.float32).view(n_models, 1)
+    tall = tall_lambda.to(w).view(n_models, 1)
+    base_flat, out = base.reshape(-1), torch.empty(n, dtype=torch.float32, device=deltas.device)
+    buffer = torch.empty((n_models, min(step, n)), dtype=torch.float32, device=deltas.device)
+    for start in range(0, n, step):  # entry by entry, so chunks of any size give the same bits
+        stop = min(n, start + step)
+        tau = deltas.rows(start, stop, buffer) * w  # (E, chunk)
+        tau_mtl = functools.reduce(torch.add, tau)  # models summed left to right
+        keep = (tau.abs() >= tall * (tau_mtl - tau).abs()).sum(0) >= k
+        torch.add(base_flat[start:stop].float(), (tau_mtl * keep).mul_(lambda_), out=out[start:stop])
+    return out.view(base.shape)
 
 
 # --- spectral methods: an SVD per 2-D tensor ------------------------------------------------------------
