@@ -21,9 +21,11 @@ the base itself (mergekit divides 0 by 0, resp. rounds the mean of equal directi
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from itertools import combinations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -226,17 +228,51 @@ def linear(base: Tensor, deltas: TaskVectors, *, weight: Tensor, normalize: bool
 def slerp(base: Tensor, deltas: TaskVectors, *, t: float, noise: Noise | None = None) -> Tensor:
     """Spherical interpolation from the base (t=0) to the one source (t=1), over the whole tensor
     flattened (mergekit): v0, v1 raw weights, angle from their normalized dot product; lerp when
-    |cos| > 0.9995."""
-    v0 = base.float().reshape(-1)
-    d = deltas.row(0)
-    v1 = v0 + d
-    n0, n1 = (torch.where(n > SLERP_NORM_EPS, n, torch.ones_like(n)) for n in (v0.norm(), v1.norm()))
-    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1).item()
-    if abs(dot) > SLERP_DOT_THRESHOLD:
-        return (v0 + t * d).view(base.shape)  # = (1 - t) v0 + t v1
-    theta = torch.tensor(dot, dtype=torch.float64).acos()
-    c0, c1 = (float(torch.sin(s * theta) / torch.sin(theta)) for s in (1 - t, t))
-    return (c0 * v0 + c1 * v1).view(base.shape)
+    |cos| > 0.9995. Two passes over chunks (|v0|^2, |v1|^2 and v0.v1 summed in fp64, then the output),
+    so no full-tensor temporary is made beyond the fp32 output."""
+    squares0, squares1, product = _slerp_sums(base, deltas)
+    n0, n1 = (norm if norm > SLERP_NORM_EPS else 1.0 for norm in (math.sqrt(squares0), math.sqrt(squares1)))
+    dot = min(1.0, max(-1.0, product / (n0 * n1)))
+    lerp = abs(dot) > SLERP_DOT_THRESHOLD
+    if not lerp:
+        theta = torch.tensor(dot, dtype=torch.float64).acos()
+        c0, c1 = (float(torch.sin(s * theta) / torch.sin(theta)) for s in (1 - t, t))
+    n, step = deltas.numel, _step(1, deltas.device)
+    base_flat, out = base.reshape(-1), torch.empty(deltas.numel, dtype=torch.float32, device=deltas.device)
+    buffer = torch.empty((1, min(step, n)), dtype=torch.float32, device=deltas.device)
+    for start in range(0, n, step):  # entry by entry: the fp32 arithmetic of the whole-tensor formula
+        stop = min(n, start + step)
+        v0, d = base_flat[start:stop].float(), deltas.rows(start, stop, buffer)[0].float()
+        if lerp:
+            torch.add(v0, t * d, out=out[start:stop])  # = (1 - t) v0 + t v1
+        else:
+            torch.add(c0 * v0, c1 * (v0 + d), out=out[start:stop])
+    return out.view(base.shape)
+
+
+SUM_BLOCK = 1 << 16  # entries per fp64 partial sum: the order of a sum does not depend on threads
+
+
+def _slerp_sums(base: Tensor, deltas: TaskVectors) -> tuple[float, float, float]:
+    """(|v0|^2, |v1|^2, v0.v1) in fp64, v0 = base and v1 = v0 + d in fp32, summed per block of
+    SUM_BLOCK entries and then over blocks in a fixed order (a compiled pass on the CPU)."""
+    if deltas.compiled:
+        from evomerge.merge._numba import slerp_sums, torch_threads
+
+        (flat,), sub = deltas.arrays()
+        with torch_threads():
+            blocks = slerp_sums(flat, sub, _fused.as_array(base.reshape(-1)), SUM_BLOCK)
+    else:
+        n, base_flat = deltas.numel, base.reshape(-1)
+        buffer = torch.empty((1, min(SUM_BLOCK, n)), dtype=torch.float32, device=deltas.device)
+        parts = []
+        for start in range(0, n, SUM_BLOCK):
+            v0 = base_flat[start : start + SUM_BLOCK].float()
+            v1 = (v0 + deltas.rows(start, min(n, start + SUM_BLOCK), buffer)[0]).double()
+            v0 = v0.double()
+            parts.append(torch.stack([(v0 * v0).sum(), (v1 * v1).sum(), (v0 * v1).sum()]))
+        blocks = torch.stack(parts).cpu().numpy() if parts else np.zeros((0, 3))
+    return tuple(float(x) for x in blocks.sum(axis=0))
 
 
 def _mean_pairwise_cosine(sums: Tensor, n_models: int) -> Tensor:

@@ -243,6 +243,25 @@ def ranked_fixed_sums(flat, ranks, key, low24, span24, scale, sub=None):
     return total, kept
 
 
+@numba.njit(parallel=True, nogil=True, cache=True)
+def slerp_sums(flat, sub, base, block):
+    """SLERP's sums per block of `block` entries, (blocks, 3) fp64: v0^2, v1^2 and v0 * v1 with v0 the
+    base entry and v1 = v0 + d rounded to fp32 (as the eager formula forms it). Each block is summed in
+    index order, so the result does not depend on the thread count."""
+    n = len(flat)
+    sums = np.zeros(((n + block - 1) // block, 3))
+    for b in numba.prange(len(sums)):
+        squares0, squares1, product = 0.0, 0.0, 0.0
+        for i in range(b * block, min(n, (b + 1) * block)):
+            v0 = load(base, i)
+            a, c = np.float64(v0), np.float64(v0 + delta_at(flat, sub, i))
+            squares0 += a * a
+            squares1 += c * c
+            product += a * c
+        sums[b, 0], sums[b, 1], sums[b, 2] = squares0, squares1, product
+    return sums
+
+
 # --- magnitude selection: a two-pass radix select over |x|'s float32 bits (see _sparsify.select_edge)
 
 
