@@ -344,12 +344,21 @@ def row_ranks(flat, sub, row_length, digit_bits, parts, out):
         for r in range(p * per_part, min(n_rows, (p + 1) * per_part)):
             start = r * row_length
             counts[:] = 0
-            for j in range(row_length):
-                key = bits_of_float(delta_at(flat, sub, start + j)) & np.uint32(0x7FFFFFFF)
-                keys[j] = key
-                order[j] = j
-                for digit in range(n_digits):
-                    counts[digit, (key >> np.uint32(digit * digit_bits)) & mask] += 1
+            if sub is None:  # task vectors: load and count in one loop
+                for j in range(row_length):
+                    key = bits_of_float(load(flat, start + j)) & np.uint32(0x7FFFFFFF)
+                    keys[j] = key
+                    order[j] = j
+                    for digit in range(n_digits):
+                        counts[digit, (key >> np.uint32(digit * digit_bits)) & mask] += 1
+            else:  # sources minus the base: form the keys in a loop that vectorizes, then count
+                for j in range(row_length):
+                    keys[j] = bits_of_float(delta_at(flat, sub, start + j)) & np.uint32(0x7FFFFFFF)
+                    order[j] = j
+                for j in range(row_length):
+                    key = keys[j]
+                    for digit in range(n_digits):
+                        counts[digit, (key >> np.uint32(digit * digit_bits)) & mask] += 1
             for digit in range(n_digits):
                 shift = np.uint32(digit * digit_bits)
                 slots = counts[digit]
