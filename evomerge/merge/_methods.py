@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evomerge.merge import _fused, _stock
+from evomerge.merge import _consensus, _fused, _stock
 from evomerge.merge._apply import check_finite, copy_checked
 from evomerge.merge._deltas import TaskVectors
 from evomerge.merge._random import Noise
@@ -336,6 +336,8 @@ def consensus(
     most the number of models, default 2 as in the paper (k = 0 is plain task arithmetic). The
     paper's reference code uses a strict > in m_t; the two differ only on exact ties.
     """
+    if deltas.compiled:  # the CPU: the same formula entry by entry in one compiled pass
+        return _consensus.merge(base, deltas, weight, tall_lambda, k, lambda_)
     n_models, n, step = deltas.n_models, deltas.numel, _step(deltas.n_models, deltas.device)
     w = weight.to(device=deltas.device, dtype=torch.float32).view(n_models, 1)
     tall = tall_lambda.to(w).view(n_models, 1)
