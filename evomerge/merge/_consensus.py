@@ -5,7 +5,7 @@ registers: E weighted task vectors (source - base formed in fp32, exact), their 
 count of models whose mask holds, and base + lambda_ * kept sum. It reads each source and the base once
 in their dtype and writes the fp32 result: no chunk buffers, no temporaries. The fp32 operations are the
 eager path's, op for op and in its order, so both give the same bits (tests/merge/test_native_sources.py
-compares every method's CPU result with the fp32 task-vector path; tests/merge/test_consensus.py this
+compares every method's CPU result with the fp32 task-vector path; tests/merge/test_compiled_full_methods.py this
 kernel with the chunked eager path, which accelerators run).
 
 Registers need the model count fixed: one generated kernel per E, loaded like `_fused`'s.

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from evomerge.merge import _consensus, _fused, _stock
 from evomerge.merge._apply import check_finite, copy_checked
+from evomerge.merge._numba import slerp_sums, slerp_write, torch_threads
 from evomerge.merge._deltas import TaskVectors
 from evomerge.merge._random import Noise
 from evomerge.merge.catalog import TASK_VECTOR_METHODS, TaskVectorMethod, attach
@@ -228,17 +229,22 @@ def linear(base: Tensor, deltas: TaskVectors, *, weight: Tensor, normalize: bool
 def slerp(base: Tensor, deltas: TaskVectors, *, t: float, noise: Noise | None = None) -> Tensor:
     """Spherical interpolation from the base (t=0) to the one source (t=1), over the whole tensor
     flattened (mergekit): v0, v1 raw weights, angle from their normalized dot product; lerp when
-    |cos| > 0.9995. Two passes over chunks (|v0|^2, |v1|^2 and v0.v1 summed in fp64, then the output),
-    so no full-tensor temporary is made beyond the fp32 output."""
+    |cos| > 0.9995. Two passes (|v0|^2, |v1|^2 and v0.v1 summed in fp64, then the output; compiled on
+    the CPU, chunked torch elsewhere), so no full-tensor temporary is made beyond the fp32 output."""
     squares0, squares1, product = _slerp_sums(base, deltas)
     n0, n1 = (norm if norm > SLERP_NORM_EPS else 1.0 for norm in (math.sqrt(squares0), math.sqrt(squares1)))
     dot = min(1.0, max(-1.0, product / (n0 * n1)))
-    lerp = abs(dot) > SLERP_DOT_THRESHOLD
+    lerp, c0, c1 = abs(dot) > SLERP_DOT_THRESHOLD, 0.0, 0.0
     if not lerp:
         theta = torch.tensor(dot, dtype=torch.float64).acos()
         c0, c1 = (float(torch.sin(s * theta) / torch.sin(theta)) for s in (1 - t, t))
-    n, step = deltas.numel, _step(1, deltas.device)
     base_flat, out = base.reshape(-1), torch.empty(deltas.numel, dtype=torch.float32, device=deltas.device)
+    if deltas.compiled:  # the CPU: the same fp32 formula, entry by entry, in one compiled pass
+        (flat,), sub = deltas.arrays()
+        with torch_threads():
+            slerp_write(flat, sub, _fused.as_array(base_flat), lerp, t, c0, c1, out.numpy())
+        return out.view(base.shape)
+    n, step = deltas.numel, _step(1, deltas.device)
     buffer = torch.empty((1, min(step, n)), dtype=torch.float32, device=deltas.device)
     for start in range(0, n, step):  # entry by entry: the fp32 arithmetic of the whole-tensor formula
         stop = min(n, start + step)
@@ -257,8 +263,6 @@ def _slerp_sums(base: Tensor, deltas: TaskVectors) -> tuple[float, float, float]
     """(|v0|^2, |v1|^2, v0.v1) in fp64, v0 = base and v1 = v0 + d in fp32, summed per block of
     SUM_BLOCK entries and then over blocks in a fixed order (a compiled pass on the CPU)."""
     if deltas.compiled:
-        from evomerge.merge._numba import slerp_sums, torch_threads
-
         (flat,), sub = deltas.arrays()
         with torch_threads():
             blocks = slerp_sums(flat, sub, _fused.as_array(base.reshape(-1)), SUM_BLOCK)

@@ -262,6 +262,20 @@ def slerp_sums(flat, sub, base, block):
     return sums
 
 
+@numba.njit(parallel=True, nogil=True, cache=True)
+def slerp_write(flat, sub, base, lerp, t, c0, c1, out):
+    """SLERP's output, fp32, as the eager formula computes it: v0 + t * d when lerp, else
+    c0 * v0 + c1 * (v0 + d) (t, c0, c1 as fp32 scalars, as torch multiplies a float32 tensor)."""
+    t32, c032, c132 = np.float32(t), np.float32(c0), np.float32(c1)
+    if lerp:
+        for i in numba.prange(len(flat)):
+            out[i] = load(base, i) + t32 * delta_at(flat, sub, i)
+    else:
+        for i in numba.prange(len(flat)):
+            v0 = load(base, i)
+            out[i] = c032 * v0 + c132 * (v0 + delta_at(flat, sub, i))
+
+
 # --- magnitude selection: a two-pass radix select over |x|'s float32 bits (see _sparsify.select_edge)
 
 

@@ -1,4 +1,5 @@
-"""The compiled consensus kernel equals the chunked eager path (the accelerators' path) bit for bit."""
+"""The compiled CPU passes of consensus and slerp equal their chunked eager path (the accelerators' path)
+bit for bit, from bf16 sources and from fp32 task vectors."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import torch
 from evomerge.merge import TaskVectors, _methods
 
 
-def chunked_eager(base, tv, params, monkeypatch):
+def chunked_eager(method, base, tv, params, monkeypatch):
     monkeypatch.setattr(TaskVectors, "compiled", property(lambda self: False))
     try:
-        return _methods.consensus(base, tv, **params)
+        return method(base, tv, **params)
     finally:
         monkeypatch.undo()
 
@@ -29,7 +30,22 @@ def test_compiled_consensus_equals_the_chunked_eager_path(n_models, monkeypatch)
     deltas = TaskVectors.from_deltas(base, torch.stack([s.float() - base.float() for s in sources]))
     compiled = _methods.consensus(base, native, **params)
     assert torch.equal(compiled, _methods.consensus(base, deltas, **params))
-    eager = chunked_eager(base, native, params, monkeypatch)
+    eager = chunked_eager(_methods.consensus, base, native, params, monkeypatch)
     assert torch.equal(compiled.view(torch.int32), eager.view(torch.int32))
     kept = (compiled != base.float()).float().mean()
     assert 0.05 < kept < 0.95  # the masks keep some entries and drop others
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("colinear", [False, True])
+def test_compiled_slerp_equals_the_chunked_eager_path(t, colinear, monkeypatch):
+    g = torch.Generator().manual_seed(int(t * 10) + colinear)
+    base = torch.randn((700, 1500), generator=g).to(torch.bfloat16)  # several eager chunks and sum blocks
+    noise = 0.01 if colinear else 1.0  # nearly colinear: the lerp branch; else a wide angle
+    source = (base.float() + torch.randn(base.shape, generator=g) * noise).to(torch.bfloat16)
+    native = TaskVectors(base, [source])
+    deltas = TaskVectors.from_deltas(base, (source.float() - base.float()).unsqueeze(0))
+    compiled = _methods.slerp(base, native, t=t)
+    assert torch.equal(compiled.view(torch.int32), _methods.slerp(base, deltas, t=t).view(torch.int32))
+    eager = chunked_eager(_methods.slerp, base, native, {"t": t}, monkeypatch)
+    assert torch.equal(compiled.view(torch.int32), eager.view(torch.int32))
