@@ -76,18 +76,6 @@ class TaskVectors:
             return torch.from_numpy(out)
         return torch.sub(self.sources[e].reshape(-1), self.base.reshape(-1).to(torch.float32))
 
-    def scratch_row(self, e: int) -> Tensor:
-        """`row(e)` formed into a buffer this process reuses (valid until the next scratch_row call): a
-        selection pass per candidate then costs no fresh allocation (page faults cost more than forming)."""
-        if self.deltas is not None or not self.compiled:
-            return self.row(e)
-        from evomerge.merge._numba import form_row, torch_threads
-
-        out = _scratch(self.numel)
-        with torch_threads():
-            form_row(*self.pair(e), out)
-        return torch.from_numpy(out)
-
     def rows(self, start: int, stop: int, buffer: Tensor) -> Tensor:
         """(E, stop - start) fp32 task-vector entries [start, stop): a view of the deltas, or formed in
         `buffer` ((E, >= stop - start) fp32)."""
@@ -144,12 +132,3 @@ def array_of(t: Tensor) -> np.ndarray:
     """A flat numpy view the kernels read: fp32 as is, bf16 as its uint16 bits."""
     flat = t.reshape(-1)
     return flat.view(torch.uint16).numpy() if flat.dtype == torch.bfloat16 else flat.numpy()
-
-
-_SCRATCH: list[np.ndarray] = []  # one fp32 buffer per process, as large as the largest row formed so far
-
-
-def _scratch(n: int) -> np.ndarray:
-    if not _SCRATCH or len(_SCRATCH[0]) < n:
-        _SCRATCH[:] = [np.empty(n, dtype=np.float32)]
-    return _SCRATCH[0][:n]

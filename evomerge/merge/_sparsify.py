@@ -104,6 +104,7 @@ class DeltaStats:
         self._noise: Noise | None = None  # the stream the levels below belong to
         self._levels: list[Tensor | None] = [None] * n
         self._buckets: list[_UniformBuckets | None] = [None] * n
+        self._records: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(n)]  # last edges' buckets
 
     @property
     def n_models(self) -> int:
@@ -125,27 +126,30 @@ class DeltaStats:
         return self.tv.compiled
 
     def magnitudes(self, e: int) -> Tensor | None:
-        """What the selections of model e read, made once for all of them: its |delta| (eager path), its
-        task vector formed in fp32 (compiled passes over sources in their dtype: they run about twice as fast
-        on fp32, for 4 bytes per entry of this one tensor and model), or None (the sorted copy answers, or
-        the compiled passes read fp32 task vectors in place)."""
-        if self.keep_sorted:
+        """What the eager selections of model e read, made once for all of them: its |delta|; None where
+        the sorted copy answers or the compiled passes read the inputs themselves (sources in their
+        dtype, or fp32 task vectors in place)."""
+        if self.keep_sorted or self._compiled():
             return None
-        if self._compiled():
-            return None if self.tv.deltas is not None else self.tv.scratch_row(e)
         return self.flat(e).float().abs()
 
-    def edge(self, e: int, rank: int, magnitudes: Tensor | None = None) -> Edge:
-        """The magnitude of ascending rank `rank` in model e's task vector (magnitudes: `self.magnitudes(e)`)."""
+    def edges(self, e: int, ranks: Sequence[int], magnitudes: Tensor | None = None) -> list[Edge]:
+        """The magnitudes of ascending ranks `ranks` (one or two) in model e's task vector, with the
+        counts below and equal (magnitudes: `self.magnitudes(e)`). Compiled, both come from one pass per
+        radix digit, which also records the entries of the edges' buckets for `positions`."""
         if self.keep_sorted:
             values, _ = self._sorted_of(e)
-            value = values[rank]
-            below = int(torch.searchsorted(values, value, right=False))
-            return Edge(float(value), below, int(torch.searchsorted(values, value, right=True)) - below)
+            found = []
+            for rank in ranks:
+                value = values[rank]
+                below = int(torch.searchsorted(values, value, right=False))
+                found.append(Edge(float(value), below, int(torch.searchsorted(values, value, right=True)) - below))
+            return found
         if self._compiled():  # the compiled passes take signed values and drop the sign themselves
-            flat, sub = (magnitudes.numpy(), None) if magnitudes is not None else self.tv.pair(e)
-            return _select_edge_compiled(flat, rank, sub)
-        return select_edge(self.flat(e).float().abs() if magnitudes is None else magnitudes, rank)
+            found, self._records[e] = select_edges_compiled(*self.tv.pair(e), ranks)
+            return found
+        magnitudes = self.flat(e).float().abs() if magnitudes is None else magnitudes
+        return [select_edge(magnitudes, rank) for rank in ranks]
 
     def positions(self, e: int, edge: Edge, ordinals: Sequence[int], magnitudes: Tensor | None = None) -> list[int]:
         """Flat indices of the entries of rank edge.below + ordinal: the ordinal-th entries (in index
@@ -154,8 +158,14 @@ class DeltaStats:
             order = self._sorted_of(e)[1]
             return [int(order[edge.below + i]) for i in ordinals]
         if self._compiled():
-            flat, sub = (magnitudes.numpy(), None) if magnitudes is not None else self.tv.pair(e)
-            return nth_equal(flat, np.float32(edge.value), np.array(ordinals, dtype=np.int64), sub).tolist()
+            bits = int(np.array(edge.value, dtype=np.float32).view(np.uint32))
+            recorded = self._records[e].get(bits >> 16)
+            if recorded is not None:  # the edge's bucket, recorded by the pass that found it
+                index, low = recorded
+                return index[np.flatnonzero(low == (bits & 0xFFFF))[list(ordinals)]].tolist()
+            flat, sub = self.tv.pair(e)
+            with torch_threads():
+                return nth_equal(flat, np.float32(edge.value), np.array(ordinals, dtype=np.int64), sub).tolist()
         magnitudes = self.flat(e).float().abs() if magnitudes is None else magnitudes
         where = (magnitudes == edge.value).nonzero().squeeze(1)
         return [int(where[i]) for i in ordinals]
@@ -474,20 +484,40 @@ def select_edge(magnitudes: Tensor, rank: int) -> Edge:
     return Edge(float(value), below, int(low_counts[bottom]))
 
 
-def _select_edge_compiled(flat: np.ndarray, rank: int, sub: np.ndarray | None = None) -> Edge:
-    """`select_edge` on one model's task vector (flat, minus sub when given; not magnitudes) by two
-    compiled histogram passes."""
+RECORD_FRACTION = 8  # record an edge's bucket while it holds at most 1/8 of the entries (10 bytes each)
+
+
+def select_edges_compiled(flat: np.ndarray, sub: np.ndarray | None, ranks: Sequence[int]) -> tuple[list[Edge], dict]:
+    """`select_edge` for one or two ranks of one model's task vector (flat, minus sub when given; not
+    magnitudes) by two compiled passes: the high 16 bits' histogram, then the low 16 bits' within the
+    one or two buckets the ranks fall in. Returns the edges and, per bucket, its entries' flat indices
+    and low bits in index order (int64, uint16), where the bucket is small enough to record."""
     with torch_threads():
         parts = max(1, min(numba.get_num_threads(), len(flat) // 65536))  # a histogram per thread
-        cum = np.cumsum(high_counts(flat, parts, sub))
-        top = int(np.searchsorted(cum, rank, side="right"))
+        per_part = high_counts(flat, parts, sub)
+        cum = np.cumsum(per_part.sum(axis=0))
+        tops = sorted({int(np.searchsorted(cum, rank, side="right")) for rank in ranks})
+        sizes = per_part[:, tops]  # (parts, T): each part's entries in each bucket
+        starts = np.full(sizes.shape, -1, dtype=np.int64)
+        kept, total = [], 0
+        for t, size in enumerate(sizes.sum(axis=0).tolist()):
+            if size <= len(flat) // RECORD_FRACTION:
+                starts[:, t] = total + np.concatenate(([0], np.cumsum(sizes[:-1, t])))
+                kept.append((tops[t], total, total + size))
+                total += size
+        index, low = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.uint16)
+        lows = low_counts(flat, np.array(tops, dtype=np.uint32), starts, index, low, sub)
+    edges = []
+    for rank in ranks:
+        top = int(np.searchsorted(cum, rank, side="right"))  # first bucket whose running count passes rank
         before = int(cum[top - 1]) if top else 0
-        low = low_counts(flat, top, parts, sub)
-    low_cum = np.cumsum(low)
-    bottom = int(np.searchsorted(low_cum, rank - before, side="right"))
-    value = np.array([(top << 16) | bottom], dtype=np.int32).view(np.float32)[0]
-    below = before + (int(low_cum[bottom - 1]) if bottom else 0)
-    return Edge(float(value), below, int(low[bottom]))
+        counts = lows[tops.index(top)]
+        low_cum = np.cumsum(counts)
+        bottom = int(np.searchsorted(low_cum, rank - before, side="right"))
+        value = np.array([(top << 16) | bottom], dtype=np.int32).view(np.float32)[0]
+        below = before + (int(low_cum[bottom - 1]) if bottom else 0)
+        edges.append(Edge(float(value), below, int(counts[bottom])))
+    return edges, {top: (index[a:b], low[a:b]) for top, a, b in kept}
 
 
 def rank_window(stats: DeltaStats, e: int, low: int, high: int) -> MagnitudeKeep:
@@ -499,8 +529,8 @@ def rank_window(stats: DeltaStats, e: int, low: int, high: int) -> MagnitudeKeep
     """
     n = stats.tv.numel
     magnitudes = stats.magnitudes(e)  # one |d| for both edges and their cuts
-    lo = stats.edge(e, low, magnitudes)
-    hi = lo if high - 1 == low or high == n else stats.edge(e, high - 1, magnitudes)
+    edges = stats.edges(e, [low] if high - 1 == low or high == n else [low, high - 1], magnitudes)
+    lo, hi = edges[0], edges[-1]
     up_to = None if high == n else hi.value
     if lo.value == hi.value and high < n:  # the window lies within one magnitude
         if (low, high) == (lo.below, lo.below + lo.equal):

@@ -170,6 +170,18 @@ def test_nan_or_inf_in_a_merge_raises(method, fused, monkeypatch):
         merge_tensor(get_method(method), base, deltas, params, out=torch.empty_like(base))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_finite_fp32_that_overflows_bf16_raises(fused, monkeypatch):
+    """A merged value finite in fp32 but beyond bf16's range is inf in a bf16 output: both paths refuse it."""
+    base, deltas = bf16_like_inputs(3, (64,), seed=12)
+    deltas[0, 5] = 3.0e38  # times weight 1.133: 3.399e38, finite in fp32, rounds to inf in bf16 (largest 3.3895e38)
+    if not fused:
+        monkeypatch.setattr(_fused, "usable", lambda *args, **kwargs: False)
+    out = torch.empty(64, dtype=torch.bfloat16)
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        merge_tensor(get_method("task_arithmetic"), base, deltas, {"weight": [1.133, 0.0, 0.0], "lambda_": 1.0}, out=out)
+
+
 def test_overflow_into_fp16_raises():
     base, deltas = bf16_like_inputs(3, (64,), seed=10)
     deltas[0, 3] = 60000.0  # times weight 1.3 and lambda 1.2: beyond fp16's 65504
@@ -205,20 +217,41 @@ def test_fused_merges_leave_torch_thread_count_alone():
         torch.set_num_threads(before)
 
 
-def test_compiled_magnitude_selection_equals_the_torch_radix_select():
+@pytest.mark.parametrize("from_sources", [False, True])
+def test_compiled_magnitude_selection_equals_the_torch_radix_select(from_sources, monkeypatch):
+    """Edges, one or two per pass, and the positions of equal magnitudes, from the recorded buckets and
+    from the scan, equal the torch radix select's and the eager index order's."""
+    from evomerge.merge import _sparsify
     from evomerge.merge._numba import nth_equal
-    from evomerge.merge._sparsify import _select_edge_compiled, select_edge
+    from evomerge.merge._sparsify import select_edge, select_edges_compiled
 
-    _, deltas = bf16_like_inputs(1, (300_000,), seed=13)  # above one 65536-entry part: the parallel split runs
+    monkeypatch.setattr(_sparsify, "RECORD_FRACTION", 1)  # record every bucket, however large
+
+    base, deltas = bf16_like_inputs(1, (300_000,), seed=13)  # above one 65536-entry part: the parallel split runs
     flat = deltas[0]
     flat[7] = -0.0
     magnitudes = flat.abs()
-    for rank in (0, 1, 4, 1000, 150_000, 299_998, 299_999):
-        edge = _select_edge_compiled(flat.numpy(), rank)
-        assert edge == select_edge(magnitudes, rank)
-        where = (magnitudes == edge.value).nonzero().squeeze(1)
-        ordinals = [0, edge.equal // 2, edge.equal - 1]
-        assert nth_equal(flat.numpy(), np.float32(edge.value), np.array(ordinals)).tolist() == [int(where[i]) for i in ordinals]
+    values, sub = flat.numpy(), None
+    if from_sources:  # bf16 sources whose differences from the base are these task vectors
+        source = (base.float() + flat).to(torch.bfloat16)
+        flat = source.float() - base.float()
+        magnitudes = flat.abs()
+        values, sub = source.view(torch.uint16).numpy(), base.view(torch.uint16).numpy()
+    ranks = (0, 1, 4, 1000, 150_000, 299_998, 299_999)
+    pairs = [[r] for r in ranks] + [[4, 150_000], [150_000, 150_001], [1000, 299_999]]
+    for pair in pairs:
+        edges, records = select_edges_compiled(values, sub, pair)
+        for rank, edge in zip(pair, edges):
+            assert edge == select_edge(magnitudes, rank)
+            where = (magnitudes == edge.value).nonzero().squeeze(1)
+            ordinals = [0, edge.equal // 2, edge.equal - 1]
+            expected = [int(where[i]) for i in ordinals]
+            assert nth_equal(values, np.float32(edge.value), np.array(ordinals), sub).tolist() == expected
+            bits = int(np.array(edge.value, dtype=np.float32).view(np.uint32))
+            index, low = records[bits >> 16]
+            assert index[np.flatnonzero(low == (bits & 0xFFFF))[ordinals]].tolist() == expected
+    monkeypatch.setattr(_sparsify, "RECORD_FRACTION", 10**9)  # none recorded: positions come from the scan
+    assert select_edges_compiled(values, sub, [1000, 299_999])[1] == {}
 
 
 def test_a_live_tensor_of_another_dtype_gets_the_merge_rounded_to_the_base_dtype():
