@@ -4,6 +4,7 @@
     python scripts/bench_merge.py --mergekit-python /tmp/mkvenv/bin/python
     python scripts/bench_merge.py --threads 1 --cpu-time     # one thread, CPU time: steady on a busy machine
     python scripts/bench_merge.py --out docs/results/bench_merge.md   # also write the table there
+    python scripts/bench_merge.py --release 4039bd1    # also the last release before native sources, same run
 
 A synthetic Llama-shaped model (scripts/make_synthetic_models.py shapes; random weights, nothing is
 downloaded) and three perturbed bf16 sources are made in memory. The build is the worker's: base and
@@ -19,9 +20,12 @@ uniform; della ranks rows). On the CPU the task-vector methods run the fused ker
 The bound is the one-pass kernel `traffic_bound` in the same run: it reads the base and every source
 once in their dtype and writes the output once, 2(E + 2) bytes per entry in bf16 (10 for three
 sources): no merge can move less. It is timed after every cached build and at the end (median).
-"fp32 task vectors" times the previous worker's path for the same candidates (base and (E, *S) fp32 task
-vectors resident, 2 + 4E bytes per entry read; default settings; its builds alternate with the default
-ones), to show what native sources change.
+"fp32 task vectors, same kernels" times this checkout's code on resident (E, *S) fp32 task vectors (the
+previous worker's inputs: 2 + 4E bytes per entry read; default settings), to show what reading native
+sources changes. `--release REV` also times revision REV's own worker build (its code, its inputs as it
+held them; scripts/release_baseline.py, in a child process) for the same candidates; 4039bd1 is the last
+revision before native sources. The default, fp32 and release builds alternate, so load that comes and
+goes hits them alike: machines here vary by 2x from day to day, so only numbers from one run compare.
 
 Times are medians over repeats; on a busy machine, `--threads 1` gives steadier numbers, and
 `--threads 1 --cpu-time` steadier still: each time is this process's CPU time, which other processes
@@ -54,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_models import llama_config, llama_shapes, synthetic_tensor  # noqa: E402
+from release_baseline import PREVIOUS_RELEASE, ReleaseBaseline  # noqa: E402
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
            "della_linear", "linear", "slerp", "model_stock", "consensus")
@@ -123,7 +128,7 @@ def time_bound(base, sources, out, n: int) -> float:
     return clock() - started
 
 
-def bench_ours(args, config, base, sources) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, list]]:
+def bench_ours(args, config, base, sources, baseline=None) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, list]]:
     from evomerge.merge import TaskVectors
     from evomerge.models.build import MergeCache, task_vectors
     from evomerge.models.layout import LayerGroups, group_of_each
@@ -145,15 +150,19 @@ def bench_ours(args, config, base, sources) -> tuple[dict[str, dict[str, float]]
         for r in recipes[1:]:  # a bound next to each build, so load that comes and goes hits both
             cached.append(time_build(r, base, sources, out, groups, cache))
             bounds.setdefault(n, []).append(time_bound(base, sources, out, n))
-        plain, old = [], []
-        for r in recipes[1 : 1 + args.uncached_repeats]:  # native and fp32 builds alternate: load hits both alike
+        plain, old, release = [], [], []
+        for r, params in zip(recipes[1 : 1 + args.uncached_repeats], cands[1:]):  # the paths alternate: load hits all alike
             plain.append(time_build(r, base, sources, out, groups, None))
             if fp32:
                 old.append(time_build(r, base, fp32, out, groups, None))
+            if baseline:
+                release.append(baseline.build(method, n, params))
         rows[method] = {"n": n, "first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain),
-                        "fp32": statistics.median(old) if old else float("nan")}
+                        "fp32": statistics.median(old) if old else float("nan"),
+                        "release": statistics.median(release) if release and None not in release else float("nan")}
         print(f"  {method}: first {first:.2f}s, cached {rows[method]['cached']:.2f}s, default {rows[method]['uncached']:.2f}s"
-              + (f", fp32 task vectors {rows[method]['fp32']:.2f}s" if old else ""), flush=True)
+              + (f", fp32 task vectors {rows[method]['fp32']:.2f}s" if old else "")
+              + (f", {baseline.rev} {rows[method]['release']:.2f}s" if release else ""), flush=True)
     del cache, fp32
     for n in bounds:
         bounds[n] += [time_bound(base, sources, out, n) for _ in range(3)]
@@ -205,11 +214,12 @@ def mergekit_child(spec_file: str) -> None:
     print(json.dumps(times))
 
 
-def table(rows: dict, mk: dict[str, float]) -> str:
+def table(rows: dict, mk: dict[str, float], release: str | None) -> str:
     bounds = rows["_bound"]
     lines = [f"one-pass bound (read base and E sources once in bf16, write the output; 2(E + 2) bytes per entry): "
              + ", ".join(f"{b:.3f}s for E = {n}" for n, b in sorted(bounds.items())), ""]
-    head = ("| method | E | default (no cache) s | default / bound | fp32 task vectors s (before) | with cache s | "
+    head = ("| method | E | default (no cache) s | default / bound | fp32 task vectors, same kernels s | "
+            f"release {release or '-'} s | with cache s | "
             "with cache / bound | first cached build s | mergekit s | mergekit / ours (default) |")
     lines += [head, "|" + " --- |" * (head.count("|") - 1)]
     for method, r in rows.items():
@@ -219,7 +229,7 @@ def table(rows: dict, mk: dict[str, float]) -> str:
         mk_s = mk.get(method)
         mk_cells = f"{mk_s:.2f} | {mk_s / r['uncached']:.1f}x" if mk_s else "- | -"
         lines.append(f"| {method} | {r['n']} | {r['uncached']:.3f} | {r['uncached'] / bound:.1f}x | {r['fp32']:.3f} | "
-                     f"{r['cached']:.3f} | {r['cached'] / bound:.1f}x | {r['first']:.2f} | {mk_cells} |")
+                     f"{r['release']:.3f} | {r['cached']:.3f} | {r['cached'] / bound:.1f}x | {r['first']:.2f} | {mk_cells} |")
     return "\n".join(lines)
 
 
@@ -237,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit-repeats", type=int, default=1)
     parser.add_argument("--no-compare-fp32", dest="compare_fp32", action="store_false",
                         help="skip timing the previous path (fp32 task vectors resident)")
+    parser.add_argument("--release", metavar="REV", help=f"also time git revision REV's worker build in the same run, "
+                        f"alternating with ours (scripts/release_baseline.py; {PREVIOUS_RELEASE}: the last before native sources)")
     parser.add_argument("--out", type=Path, help="also write the command and the table to this markdown file")
     parser.add_argument("--mergekit-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -256,9 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     heading = (f"inputs: {n / 1e6:.0f}M parameters, {config['num_hidden_layers']} layers, {args.sources} bf16 sources, "
                f"{N_GROUPS} layer groups, torch threads {torch.get_num_threads()}")
     print(f"{heading} ({time.perf_counter() - started:.0f}s to make)")
-    rows, groups, candidates = bench_ours(args, config, base, sources)
+    baseline = None
+    if args.release:
+        baseline = ReleaseBaseline(args.release, args.params, args.sources, args.hidden, torch.get_num_threads(), args.cpu_time)
+        print(f"release {args.release}: its worker's inputs made in a child process", flush=True)
+    try:
+        rows, groups, candidates = bench_ours(args, config, base, sources, baseline)
+    finally:
+        if baseline:
+            baseline.close()
     mk = bench_mergekit(args, groups, candidates) if args.mergekit_python else {}
-    text = table(rows, mk)
+    text = table(rows, mk, args.release)
     print("\n" + text)
     if args.out:
         command = "python scripts/bench_merge.py " + " ".join(argv if argv is not None else sys.argv[1:])

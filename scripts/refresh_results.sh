@@ -19,10 +19,10 @@ run() { echo "== $*" >&2; "$PY" "$@"; }
 for name in "${@:-${ALL[@]}}"; do
   case "$name" in
     sizes) run scripts/model_sizes.py --out "$OUT/model_sizes.md" ;;
-    merge) run scripts/bench_merge.py --repeats 5 --uncached-repeats 2 --out "$OUT/bench_merge.md" ;;
+    merge) run scripts/bench_merge.py --repeats 5 --uncached-repeats 5 --release 4039bd1 --out "$OUT/bench_merge.md" ;;
     merge_mk)  # one thread, CPU time, against mergekit's own merge (skipped without its side venv)
       if [ -x "$MK_PY" ]; then
-        run scripts/bench_merge.py --params 1e8 --threads 1 --cpu-time --methods ties dare_ties breadcrumbs della \
+        run scripts/bench_merge.py --params 1e8 --threads 1 --cpu-time --repeats 3 --uncached-repeats 3 --methods ties dare_ties breadcrumbs della \
           --mergekit-python "$MK_PY" --out "$OUT/bench_merge_vs_mergekit.md"
       else echo "refresh_results: no $MK_PY: bench_merge against mergekit skipped" >&2; fi ;;
     memory) run scripts/bench_memory.py --out "$OUT/bench_memory.md" ;;

@@ -24,8 +24,10 @@ def run(script: str, *args: str, timeout_s: int = 600) -> str:
 
 def test_bench_merge(tmp_path: Path) -> None:
     out = run("bench_merge.py", "--params", "1e6", "--hidden", "64", "--methods", "ties", "dare_ties", "linear", "slerp",
-              "--out", str(tmp_path / "m.md"))
-    assert "one-pass bound" in out and "| ties | 3 |" in (tmp_path / "m.md").read_text()
+              "--release", "HEAD", "--out", str(tmp_path / "m.md"))  # HEAD: a revision every clone has
+    table = (tmp_path / "m.md").read_text()
+    assert "one-pass bound" in out and "| ties | 3 |" in table and "release HEAD s" in table
+    assert "nan" not in table.split("| ties | 3 |")[1].splitlines()[0]  # the child timed HEAD's ties
 
 
 def test_bench_memory(tmp_path: Path) -> None:
