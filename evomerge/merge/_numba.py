@@ -161,6 +161,9 @@ def hash_at_most(typingctx, index, key, top):
     return types.boolean(index, key, top), codegen
 
 
+KEY_BLOCK = 1024  # entries a blocked pass forms at once in a vectorized loop (fp32 or uint32 keys: 4 KiB, in L1)
+
+
 # Every helper below reads one model's task vector as (flat, sub): delta_at(flat, sub, i), i.e. a
 # source minus the base in registers, or (sub None) task vectors already made.
 
@@ -247,17 +250,25 @@ def ranked_fixed_sums(flat, ranks, key, low24, span24, scale, sub=None):
 def slerp_sums(flat, sub, base, block):
     """SLERP's sums per block of `block` entries, (blocks, 3) fp64: v0^2, v1^2 and v0 * v1 with v0 the
     base entry and v1 = v0 + d rounded to fp32 (as the eager formula forms it). Each block is summed in
-    index order, so the result does not depend on the thread count."""
+    index order, so the result does not depend on the thread count. v0 and v1 are formed KEY_BLOCK at a
+    time in a vectorized loop before the (sequential) sums read them: from bf16 sources, forming them
+    inside the sum loop took 18.8 ms per 16M entries against 10.6 (fp32 task vectors: 11.5 either way)."""
     n = len(flat)
     sums = np.zeros(((n + block - 1) // block, 3))
     for b in numba.prange(len(sums)):
+        x0, x1 = np.empty(KEY_BLOCK, np.float32), np.empty(KEY_BLOCK, np.float32)
         squares0, squares1, product = 0.0, 0.0, 0.0
-        for i in range(b * block, min(n, (b + 1) * block)):
-            v0 = load(base, i)
-            a, c = np.float64(v0), np.float64(v0 + delta_at(flat, sub, i))
-            squares0 += a * a
-            squares1 += c * c
-            product += a * c
+        lo, hi = np.uint64(b * block), np.uint64(min(n, (b + 1) * block))
+        for start in range(lo, hi, np.uint64(KEY_BLOCK)):
+            m = min(hi - start, np.uint64(KEY_BLOCK))
+            for j in range(m):
+                v0 = load(base, start + j)
+                x0[j], x1[j] = v0, v0 + delta_at(flat, sub, start + j)
+            for j in range(m):
+                a, c = np.float64(x0[j]), np.float64(x1[j])
+                squares0 += a * a
+                squares1 += c * c
+                product += a * c
         sums[b, 0], sums[b, 1], sums[b, 2] = squares0, squares1, product
     return sums
 
@@ -284,7 +295,6 @@ def slerp_write(flat, sub, base, lerp, t, c0, c1, out):
 # L1: the count loop is scalar, and forming s - b there took 2.5x the fp32 time (measured 16M entries:
 # high counts 12.1 ms scalar, 4.8 blocked, against 4.5 to form an fp32 row first plus 3.9 to count it).
 
-KEY_BLOCK = 1024
 
 
 @numba.njit(inline="always")

@@ -89,11 +89,11 @@ def block_sums(rows, sub, first, row_len, block, tile, parts, out):
             lo, hi = _span(first + b, row_len, block, per_row)
             acc[:] = 0.0
             for t0 in range(lo - origin, hi - origin, tile):
-                m = min(tile, hi - origin - t0)
+                m, u0 = np.uint64(min(tile, hi - origin - t0)), np.uint64(t0)  # unsigned: no wraparound per load
                 for e in range(n_models):
                     d = rows[e]
                     for k in range(m):
-                        x[e, k] = np.float64(delta_at(d, sub, t0 + k))
+                        x[e, k] = np.float64(delta_at(d, sub, u0 + k))
                 c = 0
                 for e in range(n_models):
                     _dot(x[e], x[e], m, acc[c])
@@ -131,14 +131,14 @@ def write(rows, sub, base, t, first, n_blocks, row_len, block, tile, parts, out)
             lo, hi = _span(first + b, row_len, block, per_row)
             tr = t[(first + b) // per_row]
             for t0 in range(lo - origin, hi - origin, tile):
-                m = min(tile, hi - origin - t0)
+                m, u0 = np.uint64(min(tile, hi - origin - t0)), np.uint64(t0)  # unsigned: no wraparound per load
                 s[:m] = 0.0
                 for e in range(n_models):
                     d = rows[e]
                     for k in range(m):
-                        s[k] += np.float64(delta_at(d, sub, t0 + k))
+                        s[k] += np.float64(delta_at(d, sub, u0 + k))
                 for k in range(m):
-                    out[t0 + k] = np.float32(np.float64(load(base, t0 + k)) + tr * (s[k] / n_models))
+                    out[u0 + k] = np.float32(np.float64(load(base, u0 + k)) + tr * (s[k] / n_models))
 '''
 
 
