@@ -86,7 +86,9 @@ class DeltaStats:
 
     `deltas`: a `TaskVectors` (sources read in their dtype), or materialised fp32 task vectors (E, *S).
 
-    With keep_sorted=False (the default, one merge) magnitude edges come from a radix select per call.
+    With keep_sorted=False (the default, one merge) magnitude edges come from a radix select per call;
+    on the CPU it records the entries of the edges' buckets where a bucket holds at most 1/8 of the tensor
+    (10 bytes each, so at most 1.25 bytes per entry, for one model at a time: `rank_window` drops them).
     With keep_sorted=True each model's |delta| is sorted once, stably, and the sorted values and their
     flat indices are kept (8 bytes per entry per model, twice the task vectors): an edge is then a
     binary search and a cut point an index lookup. The L1 norms are kept too, and, made by the random
@@ -104,7 +106,8 @@ class DeltaStats:
         self._noise: Noise | None = None  # the stream the levels below belong to
         self._levels: list[Tensor | None] = [None] * n
         self._buckets: list[_UniformBuckets | None] = [None] * n
-        self._records: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(n)]  # last edges' buckets
+        # the entries of the last edges' buckets, per model (compiled selections; see select_edges_compiled)
+        self._records: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(n)]
 
     @property
     def n_models(self) -> int:
@@ -150,6 +153,10 @@ class DeltaStats:
             return found
         magnitudes = self.flat(e).float().abs() if magnitudes is None else magnitudes
         return [select_edge(magnitudes, rank) for rank in ranks]
+
+    def forget_records(self, e: int) -> None:
+        """Drop the entries `edges` recorded for model e (up to 1.25 bytes per entry of the tensor)."""
+        self._records[e] = {}
 
     def positions(self, e: int, edge: Edge, ordinals: Sequence[int], magnitudes: Tensor | None = None) -> list[int]:
         """Flat indices of the entries of rank edge.below + ordinal: the ordinal-th entries (in index
@@ -521,6 +528,14 @@ def select_edges_compiled(flat: np.ndarray, sub: np.ndarray | None, ranks: Seque
 
 
 def rank_window(stats: DeltaStats, e: int, low: int, high: int) -> MagnitudeKeep:
+    """`_rank_window`, then drop what its compiled selection recorded: one model's records at a time."""
+    try:
+        return _rank_window(stats, e, low, high)
+    finally:
+        stats.forget_records(e)
+
+
+def _rank_window(stats: DeltaStats, e: int, low: int, high: int) -> MagnitudeKeep:
     """Keep the entries of model e whose magnitude rank lies in [low, high) (0 < high - low <= n).
 
     Entries equal to an edge value hold the consecutive ranks below .. below + equal - 1 in index
