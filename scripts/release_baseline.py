@@ -13,6 +13,7 @@ Memory: the child holds base, output and E fp32 task vectors: 2 + 2 + 4E bytes p
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -36,7 +37,7 @@ class ReleaseBaseline:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "evomerge"], capture_output=True)
         if archive.returncode != 0:
             raise RuntimeError(f"git archive {rev} failed: {archive.stderr.decode().strip()}")
-        with tarfile.open(fileobj=__import__("io").BytesIO(archive.stdout)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
             tar.extractall(self._folder.name, filter="data")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([self._folder.name, os.environ.get("PYTHONPATH", "")]))
         cmd = [sys.executable, __file__, "--params", str(params), "--sources", str(sources), "--hidden", str(hidden),

@@ -310,6 +310,13 @@ def _part(n, parts, p):
     return np.uint64(min(n, p * step)), np.uint64(min(n, (p + 1) * step))
 
 
+@numba.njit(inline="always")
+def _key_block(flat, sub, start, m, keys):
+    """keys[:m] = |d|'s bits for entries start .. start + m - 1, in one vectorized loop."""
+    for j in range(m):
+        keys[j] = abs_bits(flat, sub, start + j)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def high_counts(flat, parts, sub=None):
     """Per-part counts of |d|'s bits >> 16 over the task vector d, (parts, 2^15): part p counts slice
@@ -326,18 +333,10 @@ def high_counts(flat, parts, sub=None):
             keys = np.empty(KEY_BLOCK, np.uint32)
             for start in range(lo, hi, np.uint64(KEY_BLOCK)):
                 m = min(hi - start, np.uint64(KEY_BLOCK))
+                _key_block(flat, sub, start, m, keys)
                 for j in range(m):
-                    keys[j] = abs_bits(flat, sub, start + j) >> np.uint32(16)
-                for j in range(m):
-                    row[keys[j]] += 1
+                    row[keys[j] >> np.uint32(16)] += 1
     return counts
-
-
-@numba.njit(inline="always")
-def _key_block(flat, sub, start, m, keys):
-    """keys[:m] = |d|'s bits for entries start .. start + m - 1, in one vectorized loop."""
-    for j in range(m):
-        keys[j] = abs_bits(flat, sub, start + j)
 
 
 @numba.njit(inline="always")
