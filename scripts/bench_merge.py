@@ -10,10 +10,11 @@ A synthetic Llama-shaped model (scripts/make_synthetic_models.py shapes; random 
 downloaded) and three perturbed bf16 sources are made in memory. The build is the worker's: base and
 sources resident in their dtype (bf16), `merge_named` per tensor writing into a preallocated bf16 output
 tensor, with the task vectors formed where the kernels use them, never materialised. Two settings,
-labelled: the default (`workers.merge_cache: false`) and with the cache (`merge_cache: true`, one
-`MergeCache` for the whole run, as a worker keeps one; "first" is a method's first cached build, which
-fills what it needs: ties sorts each task vector, which breadcrumbs then reuses; dare_* order entries by
-uniform; della ranks rows). On the CPU the task-vector methods run the fused kernels
+labelled: the default (`workers.merge_cache: false`: the worker keeps only KB per tensor, its
+`MergeCache(keep_sorted=False)`, filled by an untimed first build of each method) and with the cache
+(`merge_cache: true`, one `MergeCache` for the whole run, as a worker keeps one; "first" is a method's
+first cached build, which fills what it needs: ties sorts each task vector, which breadcrumbs then
+reuses; dare_* order entries by uniform; della ranks rows). On the CPU the task-vector methods run the fused kernels
 (evomerge/merge/_fused.py; a first build also compiles them when numba's cache under
 ~/.cache/evomerge/kernels is cold). Each candidate draws new parameters per layer group.
 
@@ -21,8 +22,8 @@ The bound is the one-pass kernel `traffic_bound` in the same run: it reads the b
 once in their dtype and writes the output once, 2(E + 2) bytes per entry in bf16 (10 for three
 sources): no merge can move less. It is timed after every cached build and at the end (median).
 "fp32 task vectors, same kernels" times this checkout's code on resident (E, *S) fp32 task vectors (the
-previous worker's inputs: 2 + 4E bytes per entry read; default settings), to show what reading native
-sources changes. `--release REV` also times revision REV's own worker build (its code, its inputs as it
+previous worker's inputs: 2 + 4E bytes per entry read; default settings, its own light cache), to show
+what reading native sources changes. `--release REV` also times revision REV's own worker build (its code, its inputs as it
 held them; scripts/release_baseline.py, in a child process) for the same candidates; 4039bd1 is the last
 revision before native sources. The default, fp32 and release builds alternate, so load that comes and
 goes hits them alike: machines here vary by 2x from day to day, so only numbers from one run compare.
@@ -111,7 +112,10 @@ def time_build(recipe, base, inputs, out, groups, cache) -> float:
     spec = check_recipe(recipe)
     for name, target in out.items():
         given = inputs[name]
-        deltas = TaskVectors(base[name], given[:n]) if isinstance(given, list) else given[:n]
+        if isinstance(given, list):
+            deltas = TaskVectors(base[name], given[:n])
+        else:  # the same tensor object each time (a light cache knows its tensors by identity)
+            deltas = given if len(given) == n else given[:n]
         merge_named(recipe, spec, name, groups[name], base[name], deltas, cache=cache, out=target)
     return clock() - started
 
@@ -139,9 +143,13 @@ def bench_ours(args, config, base, sources, baseline=None) -> tuple[dict[str, di
     rng = torch.Generator().manual_seed(0)
     rows, candidates, bounds = {}, {}, {}
     cache = MergeCache()  # one per worker, whatever the method: sorted magnitudes serve ties and breadcrumbs
+    light, light_fp32 = MergeCache(keep_sorted=False), MergeCache(keep_sorted=False)  # what default workers keep
     fp32 = {n: task_vectors(base[n], sources[n]) for n in base} if args.compare_fp32 else None
+    fp32_of = {}  # the first n task vectors per tensor, sliced once: a light cache knows its tensors by identity
     for method in args.methods:
         n = n_sources_for(method, args.sources)
+        if fp32 and n not in fp32_of:
+            fp32_of[n] = {name: deltas[:n] for name, deltas in fp32.items()}
         cands = [candidate_params(method, rng, args.sources) for _ in range(args.repeats + 1)]
         candidates[method] = cands
         recipes = [Recipe(method, "base", tuple(f"s{i}" for i in range(n)), tuple(g), seed=1) for g in cands]
@@ -151,10 +159,13 @@ def bench_ours(args, config, base, sources, baseline=None) -> tuple[dict[str, di
             cached.append(time_build(r, base, sources, out, groups, cache))
             bounds.setdefault(n, []).append(time_bound(base, sources, out, n))
         plain, old, release = [], [], []
+        time_build(recipes[0], base, sources, out, groups, light)  # untimed: fills the light caches
+        if fp32:
+            time_build(recipes[0], base, fp32_of[n], out, groups, light_fp32)
         for r, params in zip(recipes[1 : 1 + args.uncached_repeats], cands[1:]):  # the paths alternate: load hits all alike
-            plain.append(time_build(r, base, sources, out, groups, None))
+            plain.append(time_build(r, base, sources, out, groups, light))
             if fp32:
-                old.append(time_build(r, base, fp32, out, groups, None))
+                old.append(time_build(r, base, fp32_of[n], out, groups, light_fp32))
             if baseline:
                 release.append(baseline.build(method, n, params))
         rows[method] = {"n": n, "first": first, "cached": statistics.median(cached), "uncached": statistics.median(plain),
@@ -163,7 +174,7 @@ def bench_ours(args, config, base, sources, baseline=None) -> tuple[dict[str, di
         print(f"  {method}: first {first:.2f}s, cached {rows[method]['cached']:.2f}s, default {rows[method]['uncached']:.2f}s"
               + (f", fp32 task vectors {rows[method]['fp32']:.2f}s" if old else "")
               + (f", {baseline.rev} {rows[method]['release']:.2f}s" if release else ""), flush=True)
-    del cache, fp32
+    del cache, light, light_fp32, fp32, fp32_of
     for n in bounds:
         bounds[n] += [time_bound(base, sources, out, n) for _ in range(3)]
     rows["_bound"] = {n: statistics.median(b) for n, b in bounds.items()}

@@ -340,32 +340,33 @@ def high_counts(flat, parts, sub=None):
 
 
 @numba.njit(inline="always")
-def _count_low(bits, t, i, rows, cursor, index, low):
-    """Entry i of bucket t: count its low bits, and record it where the bucket is recorded."""
+def _count_low(bits, t, i, rows, cursor, stop, index, low):
+    """Entry i of bucket t: count its low bits, and record it where the bucket is recorded and the
+    part's share of the record buffer has room (it has, unless the counts it was sized by are stale)."""
     rows[t, bits & np.uint32(0xFFFF)] += 1
-    if cursor[t] >= 0:
+    if cursor[t] >= 0 and cursor[t] < stop[t]:
         index[cursor[t]] = i
         low[cursor[t]] = bits & np.uint32(0xFFFF)
         cursor[t] += 1
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def low_counts(flat, tops, starts, index, low, sub=None):
+def low_counts(flat, tops, starts, stops, index, low, sub=None):
     """Counts of the low 16 bits of |d|'s bits over the entries whose high 16 bits are tops[t], for one
     or two buckets in one pass: (T, 2^16), T = len(tops).
 
-    starts (parts, T) int64: part p (`_part` slices, parts = len(starts)) also records its entries of
-    bucket t, in index order, their flat index into index[starts[p, t]:] and low bits into low[...];
-    -1: not recorded. The recorded entries answer `Edge` positions without another pass (`nth_equal`).
-    Keys are formed a block at a time for fp32 task vectors too (one loop body; 7.5 vs 5.5 ms direct,
-    16M entries, 2 threads). Two buckets cost one more compare per entry (9 vs 7.5 ms), less than a
-    second pass."""
+    starts, stops (parts, T) int64: part p (`_part` slices, parts = len(starts)) also records its
+    entries of bucket t, in index order, their flat index into index[starts[p, t]:stops[p, t]] and low
+    bits into low[...]; -1: not recorded. The recorded entries answer `Edge` positions without another
+    pass (`nth_equal`). Keys are formed a block at a time for fp32 task vectors too (one loop body; 7.5
+    vs 5.5 ms direct, 16M entries, 2 threads). Two buckets cost one more compare per entry (9 vs 7.5
+    ms), less than a second pass."""
     n = len(flat)
     parts, two = len(starts), len(tops) > 1
     counts = np.zeros((parts, len(tops), 1 << 16), np.int64)
     t0, t1 = np.uint32(tops[0]), np.uint32(tops[len(tops) - 1])
     for p in numba.prange(parts):
-        rows = counts[p]
+        rows, stop = counts[p], stops[p]
         cursor = starts[p].copy()  # where part p records its next entry of each bucket
         lo, hi = _part(n, parts, p)
         keys = np.empty(KEY_BLOCK, np.uint32)
@@ -376,11 +377,11 @@ def low_counts(flat, tops, starts, index, low, sub=None):
                 for j in range(m):
                     high = keys[j] >> np.uint32(16)
                     if (high == t0) | (high == t1):
-                        _count_low(keys[j], np.int64(high != t0), start + j, rows, cursor, index, low)
+                        _count_low(keys[j], np.int64(high != t0), start + j, rows, cursor, stop, index, low)
             else:
                 for j in range(m):
                     if keys[j] >> np.uint32(16) == t0:
-                        _count_low(keys[j], 0, start + j, rows, cursor, index, low)
+                        _count_low(keys[j], 0, start + j, rows, cursor, stop, index, low)
     return counts.sum(axis=0)
 
 

@@ -13,9 +13,10 @@ where rank = position in the ascending order of |delta| with equal magnitudes or
 of the window is arbitrary; ours is fixed. Equal magnitudes are common in task vectors of bf16 models.)
 A window is two magnitude thresholds, found from the magnitudes at its edge ranks, plus, where the
 edge magnitude is shared by entries both inside and outside the window, which of those (counted in
-index order) it takes. Finding an edge costs a radix select (two histogram passes) per model,
-or, once `DeltaStats(keep_sorted=True)` has sorted each task vector, a binary search: a worker that
-builds many candidates from the same task vectors keeps one DeltaStats per tensor. Both ways find the
+index order) it takes. Finding an edge costs a radix select per model: a histogram of the high 16 bits
+of |delta| (which no merge parameter changes: a DeltaStats keeps it, a few KB, so a worker that keeps
+one DeltaStats per tensor counts it once) and a pass over the low 16 bits within the edge's bucket; or,
+once `DeltaStats(keep_sorted=True)` has sorted each task vector, a binary search. Every way finds the
 same edges, so the merges are bit-identical.
 
 Random keeps (DARE, DELLA) compare each entry's uniform, a hash of (recipe seed, tensor name, model,
@@ -86,9 +87,13 @@ class DeltaStats:
 
     `deltas`: a `TaskVectors` (sources read in their dtype), or materialised fp32 task vectors (E, *S).
 
-    With keep_sorted=False (the default, one merge) magnitude edges come from a radix select per call;
-    on the CPU it records the entries of the edges' buckets where a bucket holds at most 1/8 of the tensor
-    (10 bytes each, so at most 1.25 bytes per entry, for one model at a time: `rank_window` drops them).
+    With keep_sorted=False (the default) magnitude edges come from a radix select per call. On the CPU
+    its first pass, the histogram of |delta|'s high 16 bits, is counted once per model and kept
+    (`MagnitudeHistogram`: its occupied buckets, per thread, a few KB), and its second pass records the
+    entries of the edges' buckets where a bucket holds at most 1/8 of the tensor (10 bytes each, so at
+    most 1.25 bytes per entry, for one model at a time: `rank_window` drops them). The L1 norms are kept
+    too (two integers). So a DeltaStats kept per tensor across candidates costs KB, and saves a pass
+    over the task vector per model per candidate.
     With keep_sorted=True each model's |delta| is sorted once, stably, and the sorted values and their
     flat indices are kept (8 bytes per entry per model, twice the task vectors): an edge is then a
     binary search and a cut point an index lookup. The L1 norms are kept too, and, made by the random
@@ -108,6 +113,7 @@ class DeltaStats:
         self._buckets: list[_UniformBuckets | None] = [None] * n
         # the entries of the last edges' buckets, per model (compiled selections; see select_edges_compiled)
         self._records: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(n)]
+        self._histograms: list[MagnitudeHistogram | None] = [None] * n
 
     @property
     def n_models(self) -> int:
@@ -118,7 +124,7 @@ class DeltaStats:
         kept = [t for pair in self._sorted if pair for t in pair]
         kept += [t for t in (*self._levels, *self._row_ranks) if t is not None]
         kept += [b.order for b in self._buckets if b is not None]
-        return sum(t.nbytes for t in kept)
+        return sum(t.nbytes for t in kept) + sum(h.nbytes() for h in self._histograms if h is not None)
 
     def flat(self, e: int) -> Tensor:
         """Model e's task vector, flat fp32 (formed for this one model when read from sources)."""
@@ -149,10 +155,16 @@ class DeltaStats:
                 found.append(Edge(float(value), below, int(torch.searchsorted(values, value, right=True)) - below))
             return found
         if self._compiled():  # the compiled passes take signed values and drop the sign themselves
-            found, self._records[e] = select_edges_compiled(*self.tv.pair(e), ranks)
+            found, self._records[e] = select_edges_compiled(*self.tv.pair(e), ranks, self.histogram(e))
             return found
         magnitudes = self.flat(e).float().abs() if magnitudes is None else magnitudes
         return [select_edge(magnitudes, rank) for rank in ranks]
+
+    def histogram(self, e: int) -> MagnitudeHistogram:
+        """Model e's histogram of |delta|'s high 16 bits (compiled path), counted on first use and kept."""
+        if self._histograms[e] is None:
+            self._histograms[e] = MagnitudeHistogram.count(*self.tv.pair(e))
+        return self._histograms[e]
 
     def forget_records(self, e: int) -> None:
         """Drop the entries `edges` recorded for model e (up to 1.25 bytes per entry of the tensor)."""
@@ -494,17 +506,53 @@ def select_edge(magnitudes: Tensor, rank: int) -> Edge:
 RECORD_FRACTION = 8  # record an edge's bucket while it holds at most 1/8 of the entries (10 bytes each)
 
 
-def select_edges_compiled(flat: np.ndarray, sub: np.ndarray | None, ranks: Sequence[int]) -> tuple[list[Edge], dict]:
+@dataclass(frozen=True)
+class MagnitudeHistogram:
+    """How many entries of one task vector have each high-16-bit pattern of |d|, in each of `parts`
+    index slices (`_numba._part`): the first pass of a radix select, which no merge parameter changes.
+
+    Only occupied buckets are kept: `buckets` (K,) their patterns ascending, `per_part` (parts, K) their
+    counts per slice (int32 where a slice cannot overflow it). Task vectors of bf16 models occupy about
+    1-2 thousand of the 32768 patterns: 2 + 4 x parts bytes each, about 10 KB per tensor per model at 2
+    threads, 70 KB at 16."""
+
+    buckets: np.ndarray
+    per_part: np.ndarray
+
+    @classmethod
+    def count(cls, flat: np.ndarray, sub: np.ndarray | None) -> MagnitudeHistogram:
+        """One compiled pass over the task vector (flat, minus sub when given), a slice per thread."""
+        with torch_threads():
+            parts = max(1, min(numba.get_num_threads(), len(flat) // 65536))
+            per_part = high_counts(flat, parts, sub)
+        buckets = np.flatnonzero(per_part.sum(axis=0))
+        counts = per_part[:, buckets]
+        fits = -(-len(flat) // parts) < 2**31
+        return cls(buckets.astype(np.uint16), counts.astype(np.int32) if fits else counts)
+
+    @property
+    def parts(self) -> int:
+        return len(self.per_part)
+
+    def nbytes(self) -> int:
+        return self.buckets.nbytes + self.per_part.nbytes
+
+
+def select_edges_compiled(flat: np.ndarray, sub: np.ndarray | None, ranks: Sequence[int],
+                          histogram: MagnitudeHistogram | None = None) -> tuple[list[Edge], dict]:
     """`select_edge` for one or two ranks of one model's task vector (flat, minus sub when given; not
-    magnitudes) by two compiled passes: the high 16 bits' histogram, then the low 16 bits' within the
-    one or two buckets the ranks fall in. Returns the edges and, per bucket, its entries' flat indices
-    and low bits in index order (int64, uint16), where the bucket is small enough to record."""
+    magnitudes) by two compiled passes: the high 16 bits' histogram (or `histogram`, counted before),
+    then the low 16 bits' within the one or two buckets the ranks fall in. Returns the edges and, per
+    bucket, its entries' flat indices and low bits in index order (int64, uint16), where the bucket is
+    small enough to record."""
+    histogram = histogram or MagnitudeHistogram.count(flat, sub)
+    cum = np.cumsum(histogram.per_part.sum(axis=0, dtype=np.int64))
+    buckets = histogram.buckets.astype(np.int64)
     with torch_threads():
-        parts = max(1, min(numba.get_num_threads(), len(flat) // 65536))  # a histogram per thread
-        per_part = high_counts(flat, parts, sub)
-        cum = np.cumsum(per_part.sum(axis=0))
-        tops = sorted({int(np.searchsorted(cum, rank, side="right")) for rank in ranks})
-        sizes = per_part[:, tops]  # (parts, T): each part's entries in each bucket
+        # k: a rank's bucket among the occupied ones (first whose running count passes the rank)
+        ks = sorted({int(np.searchsorted(cum, rank, side="right")) for rank in ranks})
+        tops = [int(buckets[k]) for k in ks]
+        sizes = histogram.per_part[:, ks].astype(np.int64)  # (parts, T): each part's entries in each bucket
         starts = np.full(sizes.shape, -1, dtype=np.int64)
         kept, total = [], 0
         for t, size in enumerate(sizes.sum(axis=0).tolist()):
@@ -513,12 +561,15 @@ def select_edges_compiled(flat: np.ndarray, sub: np.ndarray | None, ranks: Seque
                 kept.append((tops[t], total, total + size))
                 total += size
         index, low = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.uint16)
-        lows = low_counts(flat, np.array(tops, dtype=np.uint32), starts, index, low, sub)
+        lows = low_counts(flat, np.array(tops, dtype=np.uint32), starts, starts + sizes, index, low, sub)
+    if lows.sum(axis=1).tolist() != sizes.sum(axis=0).tolist():
+        raise RuntimeError("a kept magnitude histogram does not match its task vectors: were the sources "
+                           "written after the DeltaStats was made? Make a new one")
     edges = []
     for rank in ranks:
-        top = int(np.searchsorted(cum, rank, side="right"))  # first bucket whose running count passes rank
-        before = int(cum[top - 1]) if top else 0
-        counts = lows[tops.index(top)]
+        k = int(np.searchsorted(cum, rank, side="right"))
+        top, before = int(buckets[k]), int(cum[k - 1]) if k else 0
+        counts = lows[ks.index(k)]
         low_cum = np.cumsum(counts)
         bottom = int(np.searchsorted(low_cum, rank - before, side="right"))
         value = np.array([(top << 16) | bottom], dtype=np.int32).view(np.float32)[0]

@@ -59,21 +59,27 @@ def tensor_noise(seed: int, name: str) -> Noise:
 
 
 class MergeCache:
-    """Per-worker precomputation over a worker's resident sources, reused by every candidate (opt-in:
-    `workers.merge_cache`).
+    """Per-worker facts about a worker's resident sources, reused by every candidate: one `DeltaStats`
+    per tensor name, filled on first use by the methods that need it.
 
-    It keeps one `DeltaStats` per tensor name, filled on first use by the methods that need it, per
-    entry per source: TIES/Breadcrumbs keep the sorted |delta| and its order (8 bytes), so a density
-    is a binary search instead of a selection per model per candidate; DARE/DELLA keep the entry's
-    uniform (4 bytes; it depends on the recipe seed, tensor name and index only), DARE also the entries'
-    order by uniform (4 bytes; its L1 rescale is then a lookup, not a pass), and DELLA its row ranks
-    (4 bytes). The CPU's fused kernels hash the uniforms again in registers rather than read them (it
-    is cheaper); the eager path (accelerators) reads them. So per parameter and per source: 8 bytes
-    for TIES/Breadcrumbs, 8 for DARE, 8 for DELLA, once a method has run. Merges with and without a
-    cache are bit-identical.
+    Always kept (keep_sorted=False, what every worker keeps): facts no merge parameter changes that cost
+    next to nothing: per tensor and source, the histogram of |delta|'s high 16 bits that TIES and
+    Breadcrumbs select edges from (its occupied buckets, 2 + 4 x threads bytes each: about 10 KB per
+    tensor per source at 2 threads, 70 KB at 16), and the L1 norm DARE and DELLA rescale by. Each saves a
+    pass over the task vector per source per candidate.
+
+    With keep_sorted=True (opt-in: `workers.merge_cache`), per entry per source: TIES/Breadcrumbs keep
+    the sorted |delta| and its order (8 bytes), so a density is a binary search instead of a selection
+    per model per candidate; DARE/DELLA keep the entry's uniform (4 bytes; it depends on the recipe
+    seed, tensor name and index only), DARE also the entries' order by uniform (4 bytes; its L1 rescale
+    is then a lookup, not a pass), and DELLA its row ranks (4 bytes). The CPU's fused kernels hash the
+    uniforms again in registers rather than read them (it is cheaper); the eager path (accelerators)
+    reads them. So per parameter and per source: 8 bytes for TIES/Breadcrumbs, 8 for DARE, 8 for DELLA,
+    once a method has run. Merges with and without a cache, of either kind, are bit-identical.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_sorted: bool = True) -> None:
+        self.keep_sorted = keep_sorted
         self._stats: dict[str, DeltaStats] = {}
 
     def nbytes(self) -> int:
@@ -84,7 +90,7 @@ class MergeCache:
         deltas = deltas if isinstance(deltas, TaskVectors) else TaskVectors.from_deltas(None, deltas)
         stats = self._stats.get(name)
         if stats is None or not stats.tv.same(deltas):
-            stats = self._stats[name] = DeltaStats(deltas, keep_sorted=True)
+            stats = self._stats[name] = DeltaStats(deltas, keep_sorted=self.keep_sorted)
         return stats
 
 

@@ -148,7 +148,8 @@ class LiveMerge:
 
     Resident per parameter, for E bf16 sources and a bf16 live model: 2 bytes (the live model) plus
     2(E + 1) on the device (sources_on: device), or in host memory (host), or nothing private (mmap);
-    with `merge_cache`, the MergeCache's 8 bytes per parameter per source on top.
+    per tensor and source a few KB of facts no candidate changes (`MergeCache`); with `merge_cache`,
+    its 8 bytes per parameter per source on top.
 
     Vocabularies. When the sources' embeddings have other rows than the base's (added tokens), or a recipe
     has tokenizer settings, the live model is resized to the merged vocabulary, its tokenizer is the
@@ -173,9 +174,10 @@ class LiveMerge:
             self.sources_on = "host"  # pickled weights cannot be mapped
         devices = {n: t.device for n, t in self.live.items()}
         self.inputs = SourceTensors(self.base, opened, self.sources_on, devices)
-        # Sorted |delta| per tensor and source: TIES/Breadcrumbs thresholds become lookups (8 bytes per
-        # entry per source, built on the first candidate that needs it); off by default for large models.
-        self.merge_cache = MergeCache() if options.merge_cache and not self.inputs.streamed else None
+        # Facts about the task vectors that no candidate changes, per tensor and source: KB by default;
+        # with merge_cache also sorted |delta| (TIES/Breadcrumbs thresholds become lookups: 8 bytes per
+        # entry per source). None when sources stream to the device: what the stats hold would pin them.
+        self.merge_cache = None if self.inputs.streamed else MergeCache(keep_sorted=options.merge_cache)
         self._group_maps: dict[tuple[int, tuple[str, ...]], dict[str, int]] = {}
         self.vocab_differs = vocab_differs(self.base, opened)
         self.vocab = resolve_spec(None, self.vocab_differs)  # the settings the live model is aligned for

@@ -90,4 +90,29 @@ def test_sources_are_read_not_written_and_no_task_vectors_are_kept() -> None:
     stats = DeltaStats(deltas)
     merge_tensor(METHODS["ties"], base, deltas, {"density": 0.3}, stats=stats)
     assert all(torch.equal(a, b) for a, b in zip(before, sources))
-    assert stats.nbytes() == 0  # an uncached merge keeps nothing per entry
+    # nothing per entry: only each model's magnitude histogram, bounded by its 2^15 buckets (one slice here)
+    histograms = [stats.histogram(e) for e in range(3)]
+    assert all(h.parts == 1 and len(h.buckets) <= 2**15 for h in histograms)
+    assert stats.nbytes() == sum(h.nbytes() for h in histograms) <= 3 * (2 + 4) * 2**15
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare_ties", "della"])
+def test_stats_kept_across_candidates_give_each_candidate_a_fresh_merge(name: str) -> None:
+    """What a worker keeps per tensor between candidates by default (the magnitude histograms and L1
+    norms of `DeltaStats(keep_sorted=False)`) changes no bit of any later candidate, even when the
+    thread count that sliced the histograms has changed since (2 slices kept, 1 thread merging)."""
+    base, sources = inputs((700, 600), 3, seed=6)  # 420k entries: several 65536-entry slices
+    spec, deltas = METHODS[name], TaskVectors(base, sources)
+    kept = DeltaStats(deltas)
+    threads = torch.get_num_threads()
+    try:
+        for i, fraction in enumerate((0.2, 0.5, 0.9, 0.35)):
+            torch.set_num_threads(2 if i == 0 else 1)
+            params = params_for(spec, fraction)
+            fresh = merge_tensor(spec, base, deltas, params, Noise(i, "w"), stats=DeltaStats(deltas))
+            again = merge_tensor(spec, base, deltas, params, Noise(i, "w"), stats=kept)
+            assert torch.equal(fresh, again), (name, fraction)
+    finally:
+        torch.set_num_threads(threads)
+    if name in ("ties", "breadcrumbs"):
+        assert [kept.histogram(e).parts for e in range(3)] == [2, 2, 2]
