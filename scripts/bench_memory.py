@@ -14,8 +14,12 @@ with one torch thread, as Ray would run them. For each mode:
   (`Pss`: a page that both map counts half in each), read while both are alive; memory-mapped sources
   in the page cache count once;
 - build time: a worker's candidate build (`CandidateWorker.build`: every merged tensor written into the
-  live model) for TIES and task arithmetic with 2 layer groups, default settings (no merge cache),
-  median over --builds, after one warm-up build (kernels compiled, pages read).
+  live model) for TIES and task arithmetic with 2 layer groups, default settings (no merge cache: the
+  worker keeps KB per tensor), median over --builds, after one warm-up build (kernels compiled, pages
+  read, the KB filled). A worker process is timed --rounds times per mode, the modes taking turns in a
+  rotating order, so that a machine whose speed drifts during the run slows every mode alike; the table
+  gives the median over rounds, and each round's native/fp32 ratio is listed (the two paths cannot run
+  in one process at 1.1B here: see below).
 
 On a CPU, device and host both keep private copies of base and sources in RAM (host only differs on a
 GPU, where it streams tensors from host memory). "fp32 task vectors (before)" is the worker this project
@@ -130,10 +134,11 @@ def fp32_builder(worker):
     The worker's own native build keeps working beside it, for the interleaved comparison."""
     import torch
 
-    from evomerge.models.build import check_recipe, group_map, merge_named, task_vectors
+    from evomerge.models.build import MergeCache, check_recipe, group_map, merge_named, task_vectors
     from evomerge.recipe import Recipe
 
     live = worker.builder(Recipe)
+    cache = MergeCache(keep_sorted=False)  # the KB per tensor that a default worker keeps, as the native path
     mapped = live.inputs
     base = {n: mapped.base[n].clone() for n in mapped.names}
     deltas = {n: task_vectors(base[n], mapped.sources[n]) for n in mapped.names}
@@ -144,7 +149,7 @@ def fp32_builder(worker):
         started = time.perf_counter()
         spec, groups = check_recipe(recipe), group_map(recipe, live.base)
         for name, target in live.live.items():
-            merge_named(recipe, spec, name, groups[name], base[name], deltas[name], out=target)
+            merge_named(recipe, spec, name, groups[name], base[name], deltas[name], cache=cache, out=target)
         return time.perf_counter() - started
 
     return build
@@ -205,7 +210,20 @@ def measure(args: argparse.Namespace, mode: str, n_params: int) -> dict | None:
         row["node_two_how"] = "computed"
     print(f"bench_memory: {mode}: private {private / GIB:.2f} GiB, node with 2 workers {row['node_two'] / GIB:.2f} GiB "
           f"({row['node_two_how']}), builds {row['build_s']}", flush=True)
+    row["rounds"] = [row["build_s"]]
     return row
+
+
+def time_rounds(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Rounds 2 .. --rounds: one more worker process per mode, the modes in a rotating order; each
+    row's build_s becomes the median over its rounds (round 1 is the memory measurement's process)."""
+    for r in range(1, args.rounds):
+        for row in rows[r % len(rows):] + rows[: r % len(rows)]:
+            times = start_workers(args, row["mode"], 1, f"round{r}")[0]["build_s"]
+            row["rounds"].append(times)
+            print(f"bench_memory: round {r + 1}: {row['mode']} builds {times}", flush=True)
+    for row in rows:
+        row["build_s"] = {m: statistics.median(t[m] for t in row["rounds"]) for m in row["rounds"][0]}
 
 
 def table(rows: list[dict], config: dict, n_params: int) -> str:
@@ -232,6 +250,17 @@ def table(rows: list[dict], config: dict, n_params: int) -> str:
             lines.append(f"Two mmap workers: node total {m['node_two'] / GIB:.2f} GiB = one worker with its files "
                          f"{(m['private'] + m['files']) / GIB:.2f} GiB + {extra / GIB:.2f} GiB for the second "
                          f"(a second copy of the sources would add {m['files'] / GIB:.2f} GiB).")
+    if "fp32" in by and len(by["fp32"]["rounds"]) > 1:
+        fp32 = by["fp32"]["rounds"]
+        lines += ["", f"Build time per round (a worker process per mode per round, modes in turn; the table gives the "
+                  f"median), and native / fp32 task vectors within each round:"]
+        for method in fp32[0]:
+            for r in (x for x in rows if x["mode"] != "fp32"):
+                ratios = [a[method] / b[method] for a, b in zip(r["rounds"], fp32)]
+                lines.append(f"- {method}, {r['mode']}: " + ", ".join(f"{a[method]:.2f}" for a in r["rounds"])
+                             + " s against fp32 " + ", ".join(f"{b[method]:.2f}" for b in fp32)
+                             + " s: " + ", ".join(f"{x:.2f}x" for x in ratios)
+                             + f" (median {statistics.median(ratios):.2f}x)")
     if "fp32" in by:
         lines += ["", "Build time from native sources against fp32 task vectors, both in one process, the same "
                   "candidates interleaved, each built twice by each path:"]
@@ -250,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=2048, help="hidden size (default 2048; small for a smoke run)")
     parser.add_argument("--builds", type=int, default=3, help="timed builds per method (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="worker processes timed per mode, modes in turn (median)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--dir", default=None, help="where the synthetic models live (default: the evomerge cache)")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
@@ -269,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ensure_models(Path(args.dir), args.params, args.sources, args.hidden)
     n_params = sum(int(__import__("math").prod(s)) for _, s in llama_shapes(config))
     rows = [row for mode in args.modes if (row := measure(args, mode, n_params)) is not None]
+    time_rounds(args, rows)
     text = table(rows, config, n_params)
     print("\n" + text)
     if args.out:

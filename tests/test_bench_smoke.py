@@ -31,10 +31,11 @@ def test_bench_merge(tmp_path: Path) -> None:
 
 
 def test_bench_memory(tmp_path: Path) -> None:
-    out = run("bench_memory.py", "--params", "1e6", "--hidden", "64", "--builds", "1", "--modes", "mmap", "fp32",
+    out = run("bench_memory.py", "--params", "1e6", "--hidden", "64", "--builds", "1", "--rounds", "2", "--modes", "mmap", "fp32",
               "--dir", str(tmp_path / "models"), "--out", str(tmp_path / "mem.md"))
     text = (tmp_path / "mem.md").read_text()
     assert "| mmap |" in text and "fp32 task vectors (before)" in text and "native takes" in out
+    assert "Build time per round" in text  # two rounds: each mode timed in a second process
 
 
 def test_bench_sched() -> None:

@@ -16,7 +16,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from evomerge.merge._random import MUL1, MUL2, UNIFORM_BITS, WEYL
+from evomerge.merge._random import M32, MUL1, MUL2, UNIFORM_BITS, WEYL
 
 
 @contextmanager
@@ -161,6 +161,18 @@ def hash_at_most(typingctx, index, key, top):
     return types.boolean(index, key, top), codegen
 
 
+@intrinsic
+def hash32(typingctx, index, key):
+    """`_random`'s 32-bit hash of entry `index` in the stream with `key` (uint32); level = hash >> 8."""
+    if not isinstance(index, types.Integer) or key != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _hash_codegen(builder, args[0], index, args[1])
+
+    return types.uint32(index, key), codegen
+
+
 KEY_BLOCK = 1024  # entries a blocked pass forms at once in a vectorized loop (fp32 or uint32 keys: 4 KiB, in L1)
 
 
@@ -230,6 +242,78 @@ def uniform_fixed_sums(flat, key, top, scale, sub=None):
         total += value
         kept += value if hash_at_most(i, key, top) else 0
     return total, kept
+
+
+SUM_BUCKET_BITS = 12  # DARE's kept L1 norm: fixed-point sums kept per top 12 bits of the hash (32 KB)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def hash_bucket_sums(flat, key, scale, parts, sub=None):
+    """sum of floor(|d[i]| * scale) (as `fixed_sum`) per bucket hash(i) >> (32 - SUM_BUCKET_BITS), over
+    the entries of task vector d: (2^SUM_BUCKET_BITS,) int64, exact. `parts` slices, one thread each."""
+    n = len(flat)
+    scale32 = np.float32(scale)
+    sums = np.zeros((parts, 1 << SUM_BUCKET_BITS), np.int64)
+    shift = np.uint32(32 - SUM_BUCKET_BITS)
+    for p in numba.prange(parts):
+        row = sums[p]
+        lo, hi = _part(n, parts, p)
+        for i in range(lo, hi):
+            row[hash32(i, key) >> shift] += np.int64(abs(delta_at(flat, sub, i)) * scale32)
+    return sums.sum(axis=0)
+
+
+INVERSE_WEYL, INVERSE_MUL1, INVERSE_MUL2 = (np.uint64(pow(m, -1, 1 << 32)) for m in (WEYL, MUL1, MUL2))  # odd: invertible
+
+
+@numba.njit(inline="always")
+def _index_of_hash(h, key):
+    """The entry index i (mod 2^32) whose hash in the stream with `key` is h: `_random`'s hash undone
+    step by step (each xor-shift and each odd multiply is a bijection of 32-bit words; numba widens
+    uint32 arithmetic to 64 bits, so every step is cut back to 32)."""
+    x = np.uint64(h)
+    x = x ^ (x >> 15) ^ (x >> 30)
+    x = (x * INVERSE_MUL2) & M32
+    x = x ^ (x >> 15) ^ (x >> 30)
+    x = (x * INVERSE_MUL1) & M32
+    x = x ^ (x >> 16)
+    return ((x ^ np.uint64(key)) * INVERSE_WEYL) & M32
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def boundary_fixed_sum(flat, key, top, scale, parts, sub=None):
+    """sum of floor(|d[i]| * scale) over the entries of top's hash bucket (hash(i) >> (32 -
+    SUM_BUCKET_BITS) equal to top's) with hash(i) <= top: what `hash_bucket_sums` of the buckets below
+    leaves out of DARE's kept norm.
+
+    The hash is a bijection of 32-bit words, so where the bucket's hashes up to top (at most 2^20)
+    are fewer than the entries, each is turned back into its index (kept when below n), and only
+    those entries are read; else every entry's hash is tested. Integer sums: either way, the same."""
+    n = len(flat)
+    scale32 = np.float32(scale)
+    shift = np.uint32(32 - SUM_BUCKET_BITS)
+    first = (top >> shift) << shift
+    span = np.uint64(top - first) + np.uint64(1)
+    totals = np.zeros(parts, np.int64)
+    if span < np.uint64(n):
+        for p in numba.prange(parts):
+            lo, hi = _part(span, parts, p)
+            total = 0
+            for j in range(lo, hi):
+                i = _index_of_hash(np.uint64(first) + j, key)
+                if i < np.uint64(n):
+                    total += np.int64(abs(delta_at(flat, sub, i)) * scale32)
+            totals[p] = total
+        return totals.sum()
+    for p in numba.prange(parts):
+        lo, hi = _part(n, parts, p)
+        total = 0
+        for i in range(lo, hi):
+            h = hash32(i, key)
+            if (h >= first) & (h <= top):
+                total += np.int64(abs(delta_at(flat, sub, i)) * scale32)
+        totals[p] = total
+    return totals.sum()
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

@@ -42,9 +42,12 @@ from torch import Tensor
 
 from evomerge.merge._deltas import TaskVectors, array_of
 from evomerge.merge._numba import (
+    SUM_BUCKET_BITS,
     abs_max,
+    boundary_fixed_sum,
     fixed_sum,
     fixed_sum_below,
+    hash_bucket_sums,
     high_counts,
     low_counts,
     nth_equal,
@@ -114,6 +117,9 @@ class DeltaStats:
         # the entries of the last edges' buckets, per model (compiled selections; see select_edges_compiled)
         self._records: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(n)]
         self._histograms: list[MagnitudeHistogram | None] = [None] * n
+        # DARE's kept norms by hash bucket, per model: (stream key, sums); made when a key is asked twice
+        self._hash_sums: list[tuple[int, np.ndarray] | None] = [None] * n
+        self._asked: list[int | None] = [None] * n
 
     @property
     def n_models(self) -> int:
@@ -124,7 +130,8 @@ class DeltaStats:
         kept = [t for pair in self._sorted if pair for t in pair]
         kept += [t for t in (*self._levels, *self._row_ranks) if t is not None]
         kept += [b.order for b in self._buckets if b is not None]
-        return sum(t.nbytes for t in kept) + sum(h.nbytes() for h in self._histograms if h is not None)
+        histograms = sum(h.nbytes() for h in self._histograms if h is not None)
+        return sum(t.nbytes for t in kept) + histograms + sum(s.nbytes for _, s in filter(None, self._hash_sums))
 
     def flat(self, e: int) -> Tensor:
         """Model e's task vector, flat fp32 (formed for this one model when read from sources)."""
@@ -222,8 +229,32 @@ class DeltaStats:
                 return buckets.kept(values, keep.limit, shift, sub)
             return buckets.kept(self.flat(e), keep.limit, shift)
         if self._hashes_in_registers(keep):
+            if keep.ranks is None and (sums := self._bucket_sums(e, keep.key, shift)) is not None:
+                values, sub = self.tv.pair(e)
+                bucket = keep.top >> (32 - SUM_BUCKET_BITS)
+                with torch_threads():
+                    rest = boundary_fixed_sum(values, np.uint32(keep.key), np.uint32(keep.top), 2.0**shift,
+                                              numba.get_num_threads(), sub)
+                return int(sums[:bucket].sum()) + int(rest)
             return self._compiled_sums(e, keep, shift)[1]
         return _fixed_sum(self.flat(e), shift, keep)
+
+    def _bucket_sums(self, e: int, key: int, shift: int) -> np.ndarray | None:
+        """Model e's fixed-point |delta| sums per top SUM_BUCKET_BITS bits of the hash with `key` (32 KB),
+        from which a DARE kept norm is a prefix sum plus one bucket's share (`boundary_fixed_sum`, which
+        reads about 1 entry in 4096): counted when a second candidate asks with the same key (a
+        DeltaStats kept across candidates), not for a single merge, where one pass sums it directly."""
+        held = self._hash_sums[e]
+        if held is not None and held[0] == key:
+            return held[1]
+        if self._asked[e] != key:
+            self._asked[e] = key
+            return None
+        values, sub = self.tv.pair(e)
+        with torch_threads():
+            sums = hash_bucket_sums(values, np.uint32(key), 2.0**shift, numba.get_num_threads(), sub)
+        self._hash_sums[e] = (key, sums)
+        return sums
 
     def l1_norms(self, e: int, keep: Keep | None) -> tuple[int, int, int]:
         """(whole, kept, shift): `fixed_l1` and `kept_fixed_l1` (kept = whole when keep is None). A random
@@ -234,6 +265,8 @@ class DeltaStats:
                 shift = _fixed_shift(float(abs_max(values, sub)), self.tv.numel)
             whole, kept = self._compiled_sums(e, keep, shift)
             self._fixed_l1[e] = (whole, shift)
+            if keep.ranks is None:
+                self._asked[e] = keep.key
             return whole, kept, shift
         whole, shift = self.fixed_l1(e)
         return whole, whole if keep is None else self.kept_fixed_l1(e, keep), shift

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.merge import DeltaStats, Noise, _fused, _methods, get_method, merge_tensor
+from evomerge.merge import DeltaStats, Noise, TaskVectors, _fused, _methods, get_method, merge_tensor
 from evomerge.merge._sparsify import Cut, MagnitudeKeep, _below, top_magnitude_keep
 
 MIX_METHODS = {  # the methods that run through _mix, with parameters that exercise them
@@ -203,6 +203,29 @@ def test_compiled_l1_sums_equal_the_chunked_eager_sums(ranked):
         total, shift = stats.fixed_l1(e)
         assert total == _fixed_sum(stats.flat(e), shift)
         assert stats.kept_fixed_l1(e, keep) == _fixed_sum(stats.flat(e), shift, keep) > 0
+
+
+@pytest.mark.parametrize("numel", [3000, 3 << 20], ids=["scan", "inverse-hash"])
+def test_dare_kept_norm_from_hash_bucket_sums_equals_one_pass(numel):
+    """A kept DARE norm as a prefix of per-hash-bucket sums plus the boundary bucket's share equals the
+    one-pass sum, for densities at and inside bucket edges; the share comes from a scan of every
+    entry's hash (small tensors) or from the hashes of the bucket turned back into indices (large)."""
+    from evomerge.merge._numba import SUM_BUCKET_BITS, boundary_fixed_sum, hash_bucket_sums, uniform_fixed_sums
+    from evomerge.merge._random import M32, WEYL, hash32_int
+    from evomerge.merge._sparsify import UniformKeep
+
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(numel, generator=g).to(torch.bfloat16)
+    source = (base.float() + torch.randn(numel, generator=g) * 0.02).to(torch.bfloat16)
+    values, sub = TaskVectors(base, [source]).pair(0)
+    key, scale = np.uint32(Noise(3, "w").key(0)), 2.0**30
+    sums = hash_bucket_sums(values, key, scale, 2, sub)
+    assert int(sums.sum()) == uniform_fixed_sums(values, key, np.uint32(0), scale, sub)[0]
+    at_entries = [hash32_int(((i * WEYL) & M32) ^ int(key)) for i in (0, numel // 2, numel - 1)]  # an entry's hash is top
+    tops = [UniformKeep(lambda: None, d).top for d in (1e-7, 0.25, 0.3, 0.5 + 2**-13, 0.77, 1 - 2**-24)] + at_entries
+    for top in tops:
+        kept = int(sums[: top >> (32 - SUM_BUCKET_BITS)].sum()) + int(boundary_fixed_sum(values, key, np.uint32(top), scale, 2, sub))
+        assert kept == uniform_fixed_sums(values, key, np.uint32(top), scale, sub)[1], top
 
 
 def test_fused_merges_leave_torch_thread_count_alone():

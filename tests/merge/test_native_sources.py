@@ -98,21 +98,24 @@ def test_sources_are_read_not_written_and_no_task_vectors_are_kept() -> None:
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare_ties", "della"])
 def test_stats_kept_across_candidates_give_each_candidate_a_fresh_merge(name: str) -> None:
-    """What a worker keeps per tensor between candidates by default (the magnitude histograms and L1
-    norms of `DeltaStats(keep_sorted=False)`) changes no bit of any later candidate, even when the
-    thread count that sliced the histograms has changed since (2 slices kept, 1 thread merging)."""
+    """What a worker keeps per tensor between candidates by default (the magnitude histograms, L1 norms
+    and DARE's per-hash-bucket sums of `DeltaStats(keep_sorted=False)`) changes no bit of any later
+    candidate: not when the thread count that sliced the histograms has changed since (2 slices kept,
+    1 thread merging), nor when the recipe seed changes (another stream: the sums are counted again)."""
     base, sources = inputs((700, 600), 3, seed=6)  # 420k entries: several 65536-entry slices
     spec, deltas = METHODS[name], TaskVectors(base, sources)
     kept = DeltaStats(deltas)
     threads = torch.get_num_threads()
     try:
-        for i, fraction in enumerate((0.2, 0.5, 0.9, 0.35)):
+        for i, (fraction, seed) in enumerate(((0.2, 1), (0.5, 1), (0.9, 1), (0.35, 1), (0.6, 2), (0.45, 2), (0.3, 2))):
             torch.set_num_threads(2 if i == 0 else 1)
             params = params_for(spec, fraction)
-            fresh = merge_tensor(spec, base, deltas, params, Noise(i, "w"), stats=DeltaStats(deltas))
-            again = merge_tensor(spec, base, deltas, params, Noise(i, "w"), stats=kept)
+            fresh = merge_tensor(spec, base, deltas, params, Noise(seed, "w"), stats=DeltaStats(deltas))
+            again = merge_tensor(spec, base, deltas, params, Noise(seed, "w"), stats=kept)
             assert torch.equal(fresh, again), (name, fraction)
     finally:
         torch.set_num_threads(threads)
     if name in ("ties", "breadcrumbs"):
         assert [kept.histogram(e).parts for e in range(3)] == [2, 2, 2]
+    if name == "dare_ties":  # the sums of the last seed's streams are held
+        assert [held[0] for held in kept._hash_sums] == [Noise(2, "w").key(e) for e in range(3)]
