@@ -18,7 +18,7 @@ row count and its tokenizer the one an export writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +85,11 @@ class MergeCache:
 
     def nbytes(self) -> int:
         return sum(stats.nbytes() for stats in self._stats.values())
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop the stats of these tensors (their inputs were replaced: the stats would keep the old ones alive)."""
+        for name in names:
+            self._stats.pop(name, None)
 
     def stats(self, name: str, deltas: TaskVectors | torch.Tensor) -> DeltaStats:
         """The stats of `name`, rebuilt when they were made for other tensors."""

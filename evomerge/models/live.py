@@ -194,6 +194,8 @@ class LiveMerge:
             self.model.resize_token_embeddings(rows, mean_resizing=False)
             self.live = _live_tensors(self.model, self.base.names)
             self.inputs.devices.update({n: self.live[n].device for n in names})
+        if self.merge_cache is not None:
+            self.merge_cache.forget(names)
         for name in names:
             tensors = [self.base.tensor(name), *(s.tensor(name) for s in self.opened)]
             if plan is not None:
