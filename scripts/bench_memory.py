@@ -104,6 +104,8 @@ def worker_main(args: argparse.Namespace) -> None:
     report = {"pid": os.getpid(), "startup_s": startup_s, "build_s": times, "alternating": alternating,
               "memory": process_memory(),
               "live_bytes": sum(t.nbytes for t in live.live.values()),
+              "kept_bytes": live.merge_cache.nbytes() if live.merge_cache is not None else 0,
+              "n_tensors": len(live.live),
               "largest_numel": max(t.numel() for t in live.live.values()),
               "source_file_bytes": sum(f.stat().st_size for p in (setup.base, *sources) for f in Path(p).glob("*.safetensors"))}
     Path(args.report).write_text(json.dumps(report))
@@ -199,6 +201,7 @@ def measure(args: argparse.Namespace, mode: str, n_params: int) -> dict | None:
     private = one["memory"].get("Anonymous", 0)
     files = one["source_file_bytes"]
     row = {"mode": mode, "private": private, "live": one["live_bytes"], "largest": one["largest_numel"],
+           "kept": one["kept_bytes"], "n_tensors": one["n_tensors"], "sources": args.sources,
            "build_s": one["build_s"], "startup_s": one["startup_s"], "files": files, "alternating": one["alternating"]}
     needed = 2 * private + (files if mode == "mmap" else 0)
     if needed < 0.85 * available_bytes() and not (mode == "fp32" and args.skip_two_fp32):
@@ -227,6 +230,8 @@ def time_rounds(args: argparse.Namespace, rows: list[dict]) -> None:
 
 
 def table(rows: list[dict], config: dict, n_params: int) -> str:
+    from evomerge.merge._numba import SUM_BUCKET_BITS
+
     live = rows[0]["live"]
     budget = 1.2 * live + 4 * rows[0]["largest"]
     lines = [f"{n_params / 1e9:.2f}B parameters ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}), "
@@ -250,6 +255,13 @@ def table(rows: list[dict], config: dict, n_params: int) -> str:
             lines.append(f"Two mmap workers: node total {m['node_two'] / GIB:.2f} GiB = one worker with its files "
                          f"{(m['private'] + m['files']) / GIB:.2f} GiB + {extra / GIB:.2f} GiB for the second "
                          f"(a second copy of the sources would add {m['files'] / GIB:.2f} GiB).")
+    if "mmap" in by:
+        m = by["mmap"]
+        dare = m["n_tensors"] * m["sources"] * 8 << SUM_BUCKET_BITS
+        lines += ["", f"Kept between candidates by an mmap worker (its `MergeCache(keep_sorted=False)` after the builds above; "
+                  f"ties's magnitude histograms): {m['kept'] / 2**20:.1f} MiB measured, {m['kept'] / m['live']:.2e} bytes per "
+                  f"live-model byte; DARE would add 8 x 2^{SUM_BUCKET_BITS} bytes per tensor per source, "
+                  f"{dare / 2**20:.1f} MiB for these {m['n_tensors']} tensors (computed)."]
     if "fp32" in by and len(by["fp32"]["rounds"]) > 1:
         fp32 = by["fp32"]["rounds"]
         lines += ["", f"Build time per round (a worker process per mode per round, modes in turn; the table gives the "

@@ -65,7 +65,7 @@ class MergeCache:
     Always kept (keep_sorted=False, what every worker keeps): facts no merge parameter changes that cost
     next to nothing, per tensor and source: the histogram of |delta|'s high 16 bits that TIES and
     Breadcrumbs select edges from (its occupied buckets, 2 + 4 x threads bytes each: about 10 KB at 2
-    threads, 70 KB at 16), the L1 norm DARE and DELLA rescale by, and DARE's |delta| sums per 4096th of
+    threads, 60 KB at 16), the L1 norm DARE and DELLA rescale by, and DARE's |delta| sums per 4096th of
     its hash range (32 KB, for the recipe seed in use), which make its kept norm a lookup plus one
     bucket's share. Each saves a pass over the task vector per source per candidate.
 
