@@ -293,9 +293,9 @@ def boundary_fixed_sum(flat, key, top, scale, parts, sub=None):
     scale32 = np.float32(scale)
     shift = np.uint32(32 - SUM_BUCKET_BITS)
     first = (top >> shift) << shift
-    span = np.uint64(top - first) + np.uint64(1)
+    span = np.int64(top - first) + 1  # signed, as _part's arithmetic expects (uint64 mixed with int64 is float64)
     totals = np.zeros(parts, np.int64)
-    if span < np.uint64(n):
+    if span < n:
         for p in numba.prange(parts):
             lo, hi = _part(span, parts, p)
             total = 0
