@@ -112,10 +112,9 @@ def time_build(recipe, base, inputs, out, groups, cache) -> float:
     spec = check_recipe(recipe)
     for name, target in out.items():
         given = inputs[name]
-        if isinstance(given, list):
-            deltas = TaskVectors(base[name], given[:n])
-        else:  # the same tensor object each time (a light cache knows its tensors by identity)
-            deltas = given if len(given) == n else given[:n]
+        # fp32 task vectors come sliced to n once by the caller: the same tensor object each time, as a
+        # light cache knows its tensors by identity
+        deltas = TaskVectors(base[name], given[:n]) if isinstance(given, list) else given
         merge_named(recipe, spec, name, groups[name], base[name], deltas, cache=cache, out=target)
     return clock() - started
 

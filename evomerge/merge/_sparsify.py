@@ -229,32 +229,28 @@ class DeltaStats:
                 return buckets.kept(values, keep.limit, shift, sub)
             return buckets.kept(self.flat(e), keep.limit, shift)
         if self._hashes_in_registers(keep):
-            if keep.ranks is None and (sums := self._bucket_sums(e, keep.key, shift)) is not None:
-                values, sub = self.tv.pair(e)
-                bucket = keep.top >> (32 - SUM_BUCKET_BITS)
-                with torch_threads():
-                    rest = boundary_fixed_sum(values, np.uint32(keep.key), np.uint32(keep.top), 2.0**shift,
-                                              numba.get_num_threads(), sub)
-                return int(sums[:bucket].sum()) + int(rest)
+            if keep.ranks is None and (kept := self._kept_from_buckets(e, keep, shift)) is not None:
+                return kept
             return self._compiled_sums(e, keep, shift)[1]
         return _fixed_sum(self.flat(e), shift, keep)
 
-    def _bucket_sums(self, e: int, key: int, shift: int) -> np.ndarray | None:
-        """Model e's fixed-point |delta| sums per top SUM_BUCKET_BITS bits of the hash with `key` (32 KB),
-        from which a DARE kept norm is a prefix sum plus one bucket's share (`boundary_fixed_sum`, which
-        reads about 1 entry in 4096): counted when a second candidate asks with the same key (a
-        DeltaStats kept across candidates), not for a single merge, where one pass sums it directly."""
-        held = self._hash_sums[e]
-        if held is not None and held[0] == key:
-            return held[1]
-        if self._asked[e] != key:
-            self._asked[e] = key
-            return None
+    def _kept_from_buckets(self, e: int, keep: UniformKeep, shift: int) -> int | None:
+        """DARE's kept norm of model e from its fixed-point |delta| sums per top SUM_BUCKET_BITS bits of
+        the hash (32 KB, kept): the buckets below keep.top's, plus that bucket's share, which
+        `boundary_fixed_sum` finds reading about 1 entry in 4096. The sums are counted when a second
+        candidate asks with the same stream key (a DeltaStats kept across candidates); None before, and
+        for a single merge, where one pass sums the kept norm directly."""
+        held, key = self._hash_sums[e], keep.key
         values, sub = self.tv.pair(e)
+        if held is None or held[0] != key:
+            if self._asked[e] != key:
+                self._asked[e] = key
+                return None
+            with torch_threads():
+                held = self._hash_sums[e] = (key, hash_bucket_sums(values, np.uint32(key), 2.0**shift, numba.get_num_threads(), sub))
         with torch_threads():
-            sums = hash_bucket_sums(values, np.uint32(key), 2.0**shift, numba.get_num_threads(), sub)
-        self._hash_sums[e] = (key, sums)
-        return sums
+            share = boundary_fixed_sum(values, np.uint32(key), np.uint32(keep.top), 2.0**shift, numba.get_num_threads(), sub)
+        return int(held[1][: keep.top >> (32 - SUM_BUCKET_BITS)].sum()) + int(share)
 
     def l1_norms(self, e: int, keep: Keep | None) -> tuple[int, int, int]:
         """(whole, kept, shift): `fixed_l1` and `kept_fixed_l1` (kept = whole when keep is None). A random
